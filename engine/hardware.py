@@ -1,0 +1,126 @@
+"""What this machine has: NVIDIA GPUs through NVML (no torch, no CUDA context), RAM and disk via psutil.
+
+NVML is asked rather than torch.cuda so that the UI process can show the hardware without
+importing torch or taking GPU memory for a CUDA context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+
+GIB = 1024**3
+
+
+@dataclass
+class Gpu:
+    index: int
+    name: str
+    total_gb: float
+    free_gb: float
+    compute_capability: str  # e.g. "8.6"; bf16 needs 8.0 (Ampere) or newer
+    bf16: bool
+
+
+@dataclass
+class Hardware:
+    gpus: list[Gpu] = field(default_factory=list)
+    cpu_name: str = ""
+    cpu_cores: int = 0
+    ram_total_gb: float = 0.0
+    ram_free_gb: float = 0.0
+    disk_free_gb: float = 0.0
+    gpu_note: str = ""  # why no GPU was found, in words
+
+    @property
+    def has_gpu(self) -> bool:
+        return bool(self.gpus)
+
+    def summary(self) -> str:
+        lines = []
+        if self.gpus:
+            for gpu in self.gpus:
+                lines.append(
+                    f"GPU {gpu.index}: {gpu.name}, {gpu.free_gb:.1f} GB free of {gpu.total_gb:.1f} GB, "
+                    f"bf16 {'yes' if gpu.bf16 else 'no (fp16 compute)'}"
+                )
+        else:
+            lines.append(f"No GPU: CPU mode, tiny models only ({self.gpu_note})")
+        lines.append(
+            f"CPU: {self.cpu_cores} cores, RAM {self.ram_free_gb:.1f} GB free of {self.ram_total_gb:.1f} GB"
+        )
+        lines.append(f"Disk: {self.disk_free_gb:.1f} GB free")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values["has_gpu"] = self.has_gpu
+        return values
+
+
+def detect(data_dir: str | Path = ".") -> Hardware:
+    memory = psutil.virtual_memory()
+    disk_path = Path(data_dir)
+    while not disk_path.exists() and disk_path != disk_path.parent:
+        disk_path = disk_path.parent
+    gpus, note = detect_gpus()
+    return Hardware(
+        gpus=gpus,
+        cpu_name=_cpu_name(),
+        cpu_cores=psutil.cpu_count(logical=True) or 0,
+        ram_total_gb=round(memory.total / GIB, 1),
+        ram_free_gb=round(memory.available / GIB, 1),
+        disk_free_gb=round(psutil.disk_usage(str(disk_path)).free / GIB, 1),
+        gpu_note=note,
+    )
+
+
+def detect_gpus() -> tuple[list[Gpu], str]:
+    """GPUs from NVML, or an empty list and the reason in words."""
+    try:
+        import pynvml
+    except ImportError:
+        return [], "the NVIDIA management library bindings (nvidia-ml-py) are not installed"
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        return [], f"no NVIDIA driver found ({exc})"
+    try:
+        gpus = []
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            name = pynvml.nvmlDeviceGetName(handle)
+            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+            gpus.append(
+                Gpu(
+                    index=index,
+                    name=name.decode() if isinstance(name, bytes) else str(name),
+                    total_gb=round(memory.total / GIB, 2),
+                    free_gb=round(memory.free / GIB, 2),
+                    compute_capability=f"{major}.{minor}",
+                    bf16=major >= 8,
+                )
+            )
+        return gpus, "" if gpus else "the NVIDIA driver reports no GPU"
+    except pynvml.NVMLError as exc:
+        return [], f"the NVIDIA driver did not answer ({exc})"
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except pynvml.NVMLError:
+            pass
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()

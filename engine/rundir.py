@@ -1,0 +1,125 @@
+"""The run directory: the only channel between the UI and a training process.
+
+status.json is replaced atomically (write a temp file, then rename) so a reader never sees half
+of it; metrics.jsonl is append-only with one whole line per write, so a reader skips at most a
+line still being written. A stop is a file (`stop.request`) the trainer polls each step, so the
+UI never has to write status.json, which only the training process owns while it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import psutil
+
+STATES = ("queued", "running", "stopping", "finished", "failed", "stopped")
+LIVE_STATES = ("queued", "running", "stopping")
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    # Files of the contract
+    config_path = property(lambda self: self.path / "config.yaml")
+    status_path = property(lambda self: self.path / "status.json")
+    metrics_path = property(lambda self: self.path / "metrics.jsonl")
+    log_path = property(lambda self: self.path / "train.log")
+    checkpoints_dir = property(lambda self: self.path / "checkpoints")
+    adapter_dir = property(lambda self: self.path / "adapter")
+    stop_path = property(lambda self: self.path / "stop.request")
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def write_status(self, **changes) -> dict:
+        """Merge changes into status.json and replace it atomically."""
+        status = self._read_raw_status()
+        status.update(changes)
+        status["updated"] = time.time()
+        tmp = self.status_path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(status, indent=1))
+        os.replace(tmp, self.status_path)
+        return status
+
+    def _read_raw_status(self) -> dict:
+        try:
+            return json.loads(self.status_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def read_status(self) -> dict:
+        """The status as a person should see it: a live state whose process is gone is a failure."""
+        status = self._read_raw_status()
+        if not status:
+            return {"state": "failed", "message": "this run has no status.json (not a run folder?)"}
+        if status.get("state") in LIVE_STATES and status.get("pid") and not _alive(
+            status.get("pid"), status.get("pid_created")
+        ):
+            tail = self.log_tail(5)
+            status["state"] = "failed"
+            status["message"] = "the training process ended without saying why (killed, crashed " \
+                "or the machine restarted); the last checkpoint, if any, is intact"
+            status["error"] = status["message"] + (f". Last log lines:\n{tail}" if tail else "")
+        return status
+
+    def append_metric(self, record: dict) -> None:
+        line = json.dumps(record, separators=(",", ":")) + "\n"
+        with open(self.metrics_path, "a", encoding="utf-8") as fh:
+            fh.write(line)
+            fh.flush()
+
+    def read_metrics(self) -> list[dict]:
+        try:
+            lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return []
+        records = []
+        for line in lines:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # the last line may be mid-write; it will be whole next time
+        return records
+
+    def request_stop(self) -> None:
+        self.stop_path.write_text(str(time.time()))
+
+    def stop_requested(self) -> bool:
+        return self.stop_path.exists()
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def is_run(self) -> bool:
+        return self.config_path.is_file()
+
+    def latest_checkpoint(self) -> Path | None:
+        checkpoints = sorted(
+            self.checkpoints_dir.glob("checkpoint-*"),
+            key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1,
+        )
+        return checkpoints[-1] if checkpoints else None
+
+
+def process_created(pid: int) -> float:
+    """Creation time of a process: with the pid it tells a reused pid from ours after a reboot."""
+    return psutil.Process(pid).create_time()
+
+
+def _alive(pid, created=None) -> bool:
+    try:
+        proc = psutil.Process(int(pid))
+        if created is not None and abs(proc.create_time() - float(created)) > 1.0:
+            return False
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return False

@@ -1,0 +1,115 @@
+"""Prompt templates, and the one place where a conversation becomes token ids and loss labels.
+
+A template renders messages to text. Which tokens are trained is found from the rendered text
+itself: the characters of each assistant turn are the span between the prompt that asks for it
+(the conversation so far plus the generation prompt) and the conversation including it. Offsets
+from the fast tokenizer then map those character spans to tokens, so training and chat tokenise
+exactly the same string.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IGNORE_INDEX = -100  # label value that PyTorch's cross-entropy skips
+
+ALPACA_PREAMBLE = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+)
+
+
+class TemplateError(ValueError):
+    """A template cannot render this model's conversations; the message says what to choose instead."""
+
+
+@dataclass
+class Template:
+    name: str
+    eos: str = ""
+    chat_template_tokenizer: object = None  # only for name == "model"
+
+    @property
+    def add_special_tokens(self) -> bool:
+        # Chat templates write their own BOS/special tokens; our text templates rely on the tokenizer's.
+        return self.name != "model"
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return {"guanaco": ["### Human:"], "alpaca": ["### Instruction:"]}.get(self.name, [])
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        if self.name == "model":
+            return self.chat_template_tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        text = ""
+        for message in messages:
+            text += self._turn(message["role"], message["content"], first=not text)
+        if add_generation_prompt:
+            if not text and self.name == "alpaca":
+                text = ALPACA_PREAMBLE
+            text += "### Assistant:" if self.name == "guanaco" else "### Response:\n"
+        return text
+
+    def _turn(self, role: str, content: str, first: bool) -> str:
+        if self.name == "guanaco":
+            # The Guanaco/OASST format of the QLoRA paper; EOS after each answer teaches the model to stop.
+            return {
+                "system": f"{content}\n",
+                "user": f"### Human: {content}",
+                "assistant": f"### Assistant: {content}{self.eos}",
+            }[role]
+        preamble = ALPACA_PREAMBLE if first and role != "system" else ""
+        return preamble + {
+            "system": f"{content}\n\n",
+            "user": f"### Instruction:\n{content}\n\n",
+            "assistant": f"### Response:\n{content}{self.eos}\n\n",
+        }[role]
+
+
+def get_template(name: str, tokenizer) -> Template:
+    if name == "model":
+        if not getattr(tokenizer, "chat_template", None):
+            raise TemplateError("this model has no chat template of its own: choose guanaco or alpaca")
+        return Template("model", tokenizer.eos_token or "", tokenizer)
+    if name not in ("guanaco", "alpaca"):
+        raise TemplateError(f"unknown prompt template '{name}': use guanaco, alpaca or model")
+    return Template(name, tokenizer.eos_token or "")
+
+
+def assistant_spans(template: Template, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns."""
+    text = template.render(messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = template.render(messages[:i], add_generation_prompt=True)
+        upto = template.render(messages[: i + 1])
+        if not (text.startswith(upto) and upto.startswith(prompt)):
+            raise TemplateError(
+                f"the '{template.name}' template does not render conversations incrementally, "
+                "so the assistant's tokens cannot be found: choose guanaco or alpaca"
+            )
+        spans.append((len(prompt), len(upto)))
+    return text, spans
+
+
+def encode(tokenizer, template: Template, messages: list[dict], max_seq_len: int) -> dict:
+    """Token ids with labels only on assistant tokens (the prompt's are IGNORE_INDEX)."""
+    text, spans = assistant_spans(template, messages)
+    encoded = tokenizer(
+        text, add_special_tokens=template.add_special_tokens, return_offsets_mapping=True
+    )
+    input_ids = encoded["input_ids"]
+    labels = []
+    for token_id, (start, end) in zip(input_ids, encoded["offset_mapping"]):
+        trained = end > start and any(s <= start < e for s, e in spans)
+        labels.append(token_id if trained else IGNORE_INDEX)
+    return {
+        "input_ids": input_ids[:max_seq_len],
+        "attention_mask": [1] * min(len(input_ids), max_seq_len),
+        "labels": labels[:max_seq_len],
+        "length": len(input_ids),  # before truncation, so callers can count what was cut
+    }
