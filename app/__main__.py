@@ -1,0 +1,71 @@
+"""`python -m app`: start the QLoRA Studio web UI (launch.py sets up the environment, then runs this)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python launch.py", description="QLoRA Studio web UI")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    parser.add_argument("--share", action="store_true", help="also publish a temporary public link")
+    parser.add_argument("--auth", help="require a login, as user:password")
+    parser.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+    parser.add_argument("--data-dir", help="where runs, uploads and the model cache live (default ./data)")
+    args = parser.parse_args(argv)
+    if args.auth and ":" not in args.auth:
+        parser.error("--auth takes user:password")
+    return args
+
+
+def exposure_warning(args: argparse.Namespace) -> str:
+    """A warning when the app is reachable beyond this machine without a login, else ''."""
+    if args.auth:
+        return ""
+    if args.share:
+        return "WARNING: --share publishes this app on a public link without --auth: anyone with the " \
+               "link can train and chat on your GPU and read your data. Add --auth user:password."
+    if args.host not in LOCAL_HOSTS:
+        return f"WARNING: listening on {args.host} without --auth: anyone on your network can use " \
+               "this app and read your data. Add --auth user:password."
+    return ""
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no calls home from a local tool
+    if args.data_dir:
+        os.environ["QLS_DATA_DIR"] = str(Path(args.data_dir).expanduser().resolve())
+    warning = exposure_warning(args)
+    if warning:
+        print(warning, file=sys.stderr)
+
+    from app.main import build_ui
+    from engine.paths import data_dir
+
+    data_dir().mkdir(parents=True, exist_ok=True)
+    demo = build_ui()
+    auth = tuple(args.auth.split(":", 1)) if args.auth else None
+    shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    print(f"QLoRA Studio: http://{shown_host}:{args.port}  (data in {data_dir()})", flush=True)
+    demo.queue(default_concurrency_limit=4).launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        auth=auth,
+        inbrowser=not args.no_browser,
+        allowed_paths=[str(data_dir())],
+        show_error=True,
+        quiet=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""The whole UI: four tabs in the order a user works through them."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from app import chat_tab, data_tab, hardware_tab, train_tab
+
+
+def build_ui() -> gr.Blocks:
+    with gr.Blocks(title="QLoRA Studio") as demo:
+        gr.Markdown("# QLoRA Studio\nFine-tune a language model on your own data with QLoRA, "
+                    "then chat with it.")
+        with gr.Tab("Hardware & model", id="hardware"):
+            hardware = hardware_tab.build()
+        with gr.Tab("Data", id="data"):
+            data = data_tab.build(hardware)
+        with gr.Tab("Train", id="train"):
+            train = train_tab.build(hardware, data)
+        with gr.Tab("Chat", id="chat"):
+            chat = chat_tab.build(hardware)
+        # A reload (or a restarted UI) finds the running or latest run again from the run dirs.
+        demo.load(train["on_load"], outputs=train["run"], api_name=False)
+        demo.load(chat["refresh"], outputs=chat["target"], api_name=False)
+    return demo

@@ -1,0 +1,169 @@
+"""Train tab: the few knobs a hobbyist touches, Start/Stop, and the live view of a run."""
+
+from __future__ import annotations
+
+import time
+
+import gradio as gr
+import pandas as pd
+
+from app.hardware_tab import selected_model
+from engine.config import ConfigError, load_recipe, recipe_description, recipe_names
+from engine.rundir import LIVE_STATES
+from engine.runner import RunnerError, active_run, get_run, list_runs, start_run, stop_run
+
+# Form fields, in order: (RunConfig field, label, kind, advanced?)
+FIELDS = [
+    ("epochs", "Epochs", "number", False),
+    ("lr", "Learning rate", "number", False),
+    ("lora_r", "LoRA rank (r)", "int", False),
+    ("max_seq_len", "Max sequence length (tokens)", "int", False),
+    ("micro_batch_size", "Micro-batch size", "int", False),
+    ("grad_accum_steps", "Gradient accumulation steps", "int", False),
+    ("lora_alpha", "LoRA alpha (scale = alpha / r)", "int", True),
+    ("lora_dropout", "LoRA dropout", "number", True),
+    ("lr_scheduler", "LR schedule", "schedule", True),
+    ("warmup_ratio", "Warmup share of steps", "number", True),
+    ("max_grad_norm", "Max gradient norm", "number", True),
+    ("max_steps", "Max steps (-1 = use epochs)", "int", True),
+    ("eval_share", "Share of rows held out for eval loss (0 = none)", "number", True),
+    ("save_steps", "Checkpoint every N steps", "int", True),
+    ("seed", "Seed", "int", True),
+]
+SCHEDULES = ["constant", "cosine", "linear"]
+EMPTY_CHART = pd.DataFrame({"step": [], "loss": [], "series": []})
+
+
+def _component(field: str, label: str, kind: str, value):
+    if kind == "schedule":
+        return gr.Dropdown(SCHEDULES, value=value, label=label, elem_id=f"cfg-{field}")
+    return gr.Number(value=value, label=label, precision=0 if kind == "int" else None,
+                     elem_id=f"cfg-{field}")
+
+
+def recipe_values(recipe: str) -> list:
+    cfg = load_recipe(recipe)
+    return [recipe_description(recipe)] + [getattr(cfg, field) for field, *_ in FIELDS]
+
+
+def start(recipe, model_choice, custom_model, data_path, template, *values):
+    if not data_path:
+        return gr.update(), "⚠️ Upload a valid training file in the Data tab first."
+    overrides = {field: value for (field, *_), value in zip(FIELDS, values)}
+    try:
+        cfg = load_recipe(recipe, model=selected_model(model_choice, custom_model),
+                          data_path=data_path, template=template, **overrides)
+        run = start_run(cfg, name=cfg.model.split("/")[-1])
+    except (ConfigError, RunnerError) as exc:
+        return gr.update(), f"⚠️ {exc}"
+    return gr.update(choices=run_choices(), value=run.name), f"Started run **{run.name}**."
+
+
+def stop(run_name):
+    if not run_name:
+        return "No run selected."
+    try:
+        return stop_run(get_run(run_name))
+    except RunnerError as exc:
+        return f"⚠️ {exc}"
+
+
+def run_choices() -> list[str]:
+    return [run.name for run in list_runs()]
+
+
+def default_run() -> str | None:
+    active = active_run()
+    runs = run_choices()
+    return active.name if active else (runs[0] if runs else None)
+
+
+def on_load():
+    return gr.update(choices=run_choices(), value=default_run())
+
+
+def show_run(run_name):
+    """Status text and loss chart of one run, read from its run directory."""
+    if not run_name:
+        return "No run yet: upload data, then press Start.", EMPTY_CHART
+    try:
+        run = get_run(run_name)
+    except RunnerError as exc:
+        return f"⚠️ {exc}", EMPTY_CHART
+    return status_markdown(run.read_status(), run.read_metrics()), chart_frame(run.read_metrics())
+
+
+def chart_frame(metrics: list[dict]) -> pd.DataFrame:
+    points = [{"step": m["step"], "loss": m["loss"], "series": "train"} for m in metrics
+              if m.get("loss") is not None]
+    points += [{"step": m["step"], "loss": m["eval_loss"], "series": "eval"} for m in metrics
+               if m.get("eval_loss") is not None]
+    return pd.DataFrame(points) if points else EMPTY_CHART
+
+
+def status_markdown(status: dict, metrics: list[dict]) -> str:
+    state = status.get("state", "?")
+    step, total = status.get("step") or 0, status.get("total_steps")
+    parts = [f"**{state}**", f"step {step}/{total or '?'}"]
+    if status.get("elapsed_s") is not None:
+        parts.append(f"elapsed {_duration(status['elapsed_s'])}")
+    if state in LIVE_STATES and status.get("eta_s") is not None:
+        parts.append(f"ETA {_duration(status['eta_s'])}")
+    train_points = [m for m in metrics if m.get("loss") is not None]
+    if train_points:
+        last = train_points[-1]
+        parts.append(f"loss {last['loss']:.4f}")
+        if last.get("tokens_per_s"):
+            parts.append(f"{last['tokens_per_s']:.0f} tokens/s")
+        if last.get("gpu_mem_gb") is not None:
+            parts.append(f"GPU memory {last['gpu_mem_gb']:.1f} GB")
+        elif last.get("ram_gb") is not None:
+            parts.append(f"RAM {last['ram_gb']:.1f} GB")
+    text = " · ".join(parts)
+    if status.get("message"):
+        text += f"\n\n{status['message']}"
+    if state == "failed" and status.get("error") and status["error"] != status.get("message"):
+        text += f"\n\n```\n{status['error']}\n```"
+    return text
+
+
+def _duration(seconds: float) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(max(0, int(seconds))))
+
+
+def build(hardware: dict, data: dict) -> dict:
+    names = recipe_names()
+    first = "default" if "default" in names else names[0]
+    recipe = gr.Dropdown(names, value=first, label="Recipe", elem_id="recipe-choice")
+    description = gr.Markdown(recipe_description(first))
+    defaults = load_recipe(first)
+    by_field = {}
+    with gr.Row():
+        for field, label, kind, advanced in FIELDS:
+            if not advanced:
+                by_field[field] = _component(field, label, kind, getattr(defaults, field))
+    with gr.Accordion("Advanced", open=False):
+        with gr.Row():
+            for field, label, kind, advanced in FIELDS:
+                if advanced:
+                    by_field[field] = _component(field, label, kind, getattr(defaults, field))
+    components = [by_field[field] for field, *_ in FIELDS]
+    recipe.change(recipe_values, recipe, [description] + components, api_name=False)
+
+    with gr.Row():
+        start_button = gr.Button("Start training", variant="primary", elem_id="start-button")
+        stop_button = gr.Button("Stop", variant="stop", elem_id="stop-button")
+    message = gr.Markdown(elem_id="train-message")
+    run = gr.Dropdown(choices=run_choices(), value=default_run(), label="Run", elem_id="run-choice",
+                      allow_custom_value=True)
+    status = gr.Markdown(elem_id="run-status")
+    chart = gr.LinePlot(EMPTY_CHART, x="step", y="loss", color="series", title="Loss",
+                        height=320, elem_id="loss-chart")
+    timer = gr.Timer(2.0)
+
+    inputs = [recipe, hardware["model"], hardware["custom_model"], data["data_path"], data["template"]]
+    start_button.click(start, inputs + components, [run, message], api_name="start_training")
+    stop_button.click(stop, run, message, api_name="stop_training")
+    run.change(show_run, run, [status, chart], api_name="run_status")
+    timer.tick(show_run, run, [status, chart], api_name=False, show_progress="hidden")
+    return {"run": run, "on_load": on_load}
