@@ -117,6 +117,8 @@ def cmd_train(args) -> int:
             raise CliError(f"{args.run_dir} has no config.yaml: to start a new run use --out")
     else:
         run = _new_run(args)
+    if not args.background:
+        run.stop_path.unlink(missing_ok=True)  # an old stop request is not meant for this session
     _setup_logging(run, args.background)
     state = run_training(str(run.path), resume=args.resume)
     status = run.read_status()

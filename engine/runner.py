@@ -53,6 +53,9 @@ def start_run(cfg: RunConfig, name: str = "") -> RunDir:
 
 
 def spawn(run: RunDir, resume: bool = False) -> subprocess.Popen:
+    # Clear an old stop request here, not in the trainer: a stop asked for while the new process
+    # is still starting must not be lost.
+    run.stop_path.unlink(missing_ok=True)
     env = dict(os.environ, QLS_DATA_DIR=str(data_dir()), PYTHONUNBUFFERED="1")
     command = [sys.executable, "-m", "engine", "train", str(run.path), "--background"]
     if resume:

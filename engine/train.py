@@ -40,7 +40,6 @@ KNOWN_ERRORS = (ConfigError, DataError, ModelError, TemplateError)
 def run_training(run_dir: str, resume: bool = False) -> str:
     """Train one run to its end; returns the final state (finished, stopped or failed)."""
     run = RunDir(run_dir)
-    run.stop_path.unlink(missing_ok=True)
     pid = psutil.Process().pid
     run.write_status(state="running", pid=pid, pid_created=process_created(pid),
                      started=time.time(), message="loading the model", error="")

@@ -1,0 +1,50 @@
+"""The training process, as the job runner starts it: stop saves the adapter, a killed process
+reads as failed, and a second start is refused while one run trains."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from engine.config import load_recipe
+from engine.runner import RunnerError, active_run, start_run, stop_run
+
+
+def wait_for(run, predicate, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = run.read_status()
+        if predicate(status):
+            return status
+        time.sleep(0.5)
+    raise AssertionError(f"timed out; status {run.read_status()}\nlog:\n{run.log_tail(30)}")
+
+
+@pytest.mark.slow
+def test_stop_saves_adapter_and_checkpoint(data_dir, facts_file, embedded_model):
+    cfg = load_recipe("quick-test", data_path=str(facts_file), epochs=50, save_steps=1000)
+    run = start_run(cfg, name="stop me")
+    wait_for(run, lambda s: (s.get("step") or 0) >= 2)
+    with pytest.raises(RunnerError, match="one run at a time"):
+        start_run(cfg, name="second")
+    assert "stop requested" in stop_run(run)
+    status = wait_for(run, lambda s: s["state"] in ("stopped", "failed", "finished"))
+    assert status["state"] == "stopped", status
+    assert status["step"] < status["total_steps"]  # it really stopped early
+    assert (run.adapter_dir / "adapter_model.safetensors").is_file()
+    assert (run.adapter_dir / "prompt_template.json").is_file()
+    assert run.latest_checkpoint() is not None  # resumable, although save_steps was never reached
+    assert [m["step"] for m in run.read_metrics() if m.get("loss") is not None][-1] == status["step"]
+
+
+@pytest.mark.slow
+def test_killed_process_reads_as_failed_with_log(data_dir, facts_file, embedded_model):
+    cfg = load_recipe("quick-test", data_path=str(facts_file), epochs=50)
+    run = start_run(cfg, name="kill me")
+    status = wait_for(run, lambda s: (s.get("step") or 0) >= 1)
+    os.kill(status["pid"], signal.SIGKILL)
+    status = wait_for(run, lambda s: s["state"] == "failed", timeout=30)
+    assert "ended without saying why" in status["message"]
+    assert "step" in status["error"]  # the last log lines travel with the error
+    assert active_run() is None  # a dead run no longer blocks new runs
