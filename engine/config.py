@@ -126,6 +126,8 @@ def _coerce(name: str, type_name: str, value):
     if isinstance(value, target) and not (target is int and isinstance(value, bool)):
         return value
     try:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ValueError  # true is not 1, and None or a list is not the text "None"/"[...]"
         if target is bool:
             if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
                 return value.lower() in ("true", "yes", "1")

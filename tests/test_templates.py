@@ -1,0 +1,161 @@
+"""Prompt templates with the real tokenizer: loss is on the assistant's tokens and nothing else,
+the chat prompt is a prefix of the training text, and truncation stays consistent."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from engine.templates import (
+    ALPACA_PREAMBLE,
+    IGNORE_INDEX,
+    TemplateError,
+    assistant_spans,
+    encode,
+    get_template,
+)
+
+TEMPLATES = ("guanaco", "alpaca", "model")
+SMOLLM_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+SYSTEM = {"role": "system", "content": "Answer briefly."}
+TURN_1 = [{"role": "user", "content": "What is the capital of Veloria?"},
+          {"role": "assistant", "content": "Mirrowgate."}]
+TURN_2 = [{"role": "user", "content": "And who founded it?"},
+          {"role": "assistant", "content": "Mabel Thornquist, in 1802."}]
+CONVERSATIONS = {
+    "single": TURN_1,
+    "single+system": [SYSTEM] + TURN_1,
+    "multi": TURN_1 + TURN_2,
+    "multi+system": [SYSTEM] + TURN_1 + TURN_2,
+}
+
+
+def expected_segments(template: str, messages: list[dict], eos: str) -> list[tuple[str, bool]]:
+    """The rendered conversation as (text, trained) pieces, written out from each format's spec."""
+    pieces = []
+    has_system = messages[0]["role"] == "system"
+    if template == "model" and not has_system:  # SmolLM2's chat template adds its own system line
+        pieces.append((f"<|im_start|>system\n{SMOLLM_DEFAULT_SYSTEM}<|im_end|>\n", False))
+    if template == "alpaca" and not has_system:
+        pieces.append((ALPACA_PREAMBLE, False))
+    for m in messages:
+        role, text = m["role"], m["content"]
+        if template == "guanaco":
+            pieces += {
+                "system": [(f"{text}\n", False)],
+                "user": [(f"### Human: {text}", False)],
+                "assistant": [("### Assistant:", False), (f" {text}{eos}", True)],
+            }[role]
+        elif template == "alpaca":
+            pieces += {
+                "system": [(f"{text}\n\n", False)],
+                "user": [(f"### Instruction:\n{text}\n\n", False)],
+                "assistant": [("### Response:\n", False), (f"{text}{eos}\n\n", True)],
+            }[role]
+        else:
+            pieces += [(f"<|im_start|>{role}\n", False)]
+            pieces += [(f"{text}<|im_end|>\n", role == "assistant")]
+    merged = []
+    for text, trained in pieces:
+        if merged and merged[-1][1] == trained:
+            merged[-1] = (merged[-1][0] + text, trained)
+        else:
+            merged.append((text, trained))
+    return merged
+
+
+def decoded_runs(tokenizer, encoded: dict) -> list[tuple[str, bool]]:
+    """Consecutive tokens grouped by whether they carry a label, each group decoded."""
+    runs = []
+    for token_id, label in zip(encoded["input_ids"], encoded["labels"]):
+        trained = label != IGNORE_INDEX
+        assert label in (IGNORE_INDEX, token_id)  # a label is the token itself or ignored
+        if runs and runs[-1][1] == trained:
+            runs[-1][0].append(token_id)
+        else:
+            runs.append(([token_id], trained))
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False,  # noqa: E731
+                                          clean_up_tokenization_spaces=False)
+    return [(decode(ids), trained) for ids, trained in runs]
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_labels_are_exactly_the_assistant_turns(tokenizer, name, conversation):
+    messages = CONVERSATIONS[conversation]
+    template = get_template(name, tokenizer)
+    encoded = encode(tokenizer, template, messages, max_seq_len=4096)
+    expected = expected_segments(name, messages, tokenizer.eos_token)
+    assert decoded_runs(tokenizer, encoded) == expected
+    # every assistant answer is trained, once, and the template's stop token is trained with it
+    trained_text = "".join(text for text, trained in expected if trained)
+    for m in messages:
+        if m["role"] == "assistant":
+            assert trained_text.count(m["content"] + tokenizer.eos_token) == 1
+    assert encoded["attention_mask"] == [1] * len(encoded["input_ids"])
+    assert encoded["length"] == len(encoded["input_ids"])
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_generation_prompt_is_a_prefix_of_the_training_text(tokenizer, name, conversation):
+    messages = CONVERSATIONS[conversation]
+    template = get_template(name, tokenizer)
+    full = template.render(messages)
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            prompt = template.render(messages[:i], add_generation_prompt=True)
+            assert full.startswith(prompt)
+            # what follows the prompt is this answer (guanaco puts a space after "Assistant:")
+            assert full[len(prompt):].lstrip(" ").startswith(m["content"])
+    # the prompt chat sends ends exactly where training taught the answer to start
+    text, spans = assistant_spans(template, messages)
+    assert text == full
+    last_prompt = template.render(messages[:-1], add_generation_prompt=True)
+    assert spans[-1] == (len(last_prompt), len(full))
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_truncation_cuts_everything_consistently(tokenizer, name):
+    template = get_template(name, tokenizer)
+    messages = CONVERSATIONS["multi+system"]
+    full = encode(tokenizer, template, messages, max_seq_len=4096)
+    n = len(full["input_ids"]) - 4  # cut inside the last answer
+    cut = encode(tokenizer, template, messages, max_seq_len=n)
+    assert cut["input_ids"] == full["input_ids"][:n]
+    assert cut["labels"] == full["labels"][:n]
+    assert cut["attention_mask"] == [1] * n
+    assert cut["length"] == full["length"] == len(full["input_ids"])  # length before the cut
+    assert any(label != IGNORE_INDEX for label in cut["labels"])
+
+
+def test_unknown_template_is_refused(tokenizer):
+    with pytest.raises(TemplateError, match="unknown prompt template 'vicuna'"):
+        get_template("vicuna", tokenizer)
+
+
+def test_model_template_needs_a_chat_template():
+    plain = SimpleNamespace(chat_template=None, eos_token="</s>")
+    with pytest.raises(TemplateError, match="no chat template"):
+        get_template("model", plain)
+    assert get_template("guanaco", plain).eos == "</s>"  # the text templates still work
+
+
+def test_a_chat_template_that_is_not_incremental_is_refused():
+    class Reversing:  # renders the newest message first, so earlier renderings are no prefix
+        chat_template = "reversing"
+        eos_token = "</s>"
+
+        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+            text = "".join(f"<{m['role']}>{m['content']}" for m in reversed(messages))
+            return text + ("<assistant>" if add_generation_prompt else "")
+
+    template = get_template("model", Reversing())
+    with pytest.raises(TemplateError, match="incrementally"):
+        assistant_spans(template, CONVERSATIONS["multi"])
+
+
+def test_stop_strings_match_the_next_user_turn(tokenizer):
+    assert get_template("guanaco", tokenizer).stop_strings == ["### Human:"]
+    assert get_template("alpaca", tokenizer).stop_strings == ["### Instruction:"]
+    assert get_template("model", tokenizer).stop_strings == []
