@@ -4,21 +4,37 @@ from __future__ import annotations
 
 import gradio as gr
 
-from engine import catalog
+from engine import catalog, planner
 from engine.hardware import detect
 from engine.paths import data_dir
 
 
 def model_choices(free_vram_gb: float | None) -> tuple[list[tuple[str, str]], str]:
     """Dropdown choices (label, catalog id), recommended first, and the default pick."""
-    recommended = catalog.recommend(free_vram_gb)
-    fits = {m.id for m, _ in recommended}
-    choices = [(f"✓ {m.name}: {why}", m.id) for m, why in recommended]
+    picks = planner.recommend(free_vram_gb)
+    fits = {pick.model.id for pick in picks}
+    choices = [(f"✓ {pick.why}", pick.model.id) for pick in picks]
     for model in catalog.load_catalog():
         if model.id not in fits:
-            need = "a GPU" if free_vram_gb is None else f"about {model.vram_gb:.0f} GB"
+            if free_vram_gb is None:
+                need = "a GPU"
+            else:
+                need = f"about {planner.plan(model, 1024, 1, 16).total_gb:.0f} GB at 1024 tokens"
             choices.append((f"✗ {model.name}: needs {need}", model.id))
-    return choices, (recommended[0][0].id if recommended else "embedded")
+    return choices, (picks[0].model.id if picks else "embedded")
+
+
+def recommendation_markdown(free_vram_gb: float | None) -> str:
+    """The ranked list a person reads: what fits, at which length and micro-batch, and why."""
+    picks = planner.recommend(free_vram_gb)
+    if free_vram_gb is None:
+        return "### Recommended\n- **embedded**: no GPU, so the small offline model trains on the CPU."
+    lines = [f"### Recommended for {free_vram_gb:.1f} GB free (LoRA r=16, 10% headroom kept)"]
+    lines += [f"{rank}. **{pick.why}**, micro-batch {pick.micro_batch} ({pick.model.licence})"
+              for rank, pick in enumerate(picks[:10], start=1)]
+    if not picks:
+        lines.append("- Nothing in the catalog fits at 1024 tokens: free GPU memory, or train on the CPU.")
+    return "\n".join(lines)
 
 
 def hardware_markdown() -> str:
@@ -42,20 +58,22 @@ def hardware_markdown() -> str:
 
 
 def free_vram() -> float | None:
-    found = detect(data_dir())
-    return max(g.free_gb for g in found.gpus) if found.has_gpu else None
+    """Free GB on the GPU training will use (free, not total: other programs' memory is gone)."""
+    return planner.detected_vram()[0]
 
 
 def build() -> dict:
     choices, default = model_choices(free_vram())
     info = gr.Markdown(hardware_markdown(), elem_id="hardware-info")
     refresh = gr.Button("Refresh", size="sm")
-    gr.Markdown("### Base model\nRecommended models that fit this machine come first (✓). Memory "
-                "figures are rough guides at 512 tokens and micro-batch 1.")
+    ranked = gr.Markdown(recommendation_markdown(free_vram()), elem_id="recommendations")
+    gr.Markdown("### Base model\nModels that fit this machine come first (✓), each with the longest "
+                "sequence length that fits. The Train tab shows the memory plan of your settings.")
     model = gr.Dropdown(choices=choices, value=default, label="Base model", elem_id="model-choice")
     custom = gr.Textbox(label="Or a Hugging Face Hub id or a local model folder (overrides the list)",
                         placeholder="e.g. EleutherAI/gpt-j-6b or /models/my-llama", elem_id="custom-model")
-    refresh.click(hardware_markdown, outputs=info, api_name=False)
+    refresh.click(lambda: (hardware_markdown(), recommendation_markdown(free_vram())),
+                  outputs=[info, ranked], api_name=False)
     return {"model": model, "custom_model": custom}
 
 

@@ -1,43 +1,174 @@
-"""The model catalog (presets/models.yaml) read as data."""
+"""The model catalog (presets/models.yaml) and model shapes, read as data.
+
+A shape is all the memory planner needs to know about a model. It comes from the catalog, or from
+a model folder's config.json, so that a model outside the catalog can be planned too.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 import yaml
 
 from engine.config import PRESETS_DIR
 
+# Architectures whose MLP is two plain matrices (up, down); every other family we know uses a gated
+# MLP with three (gate, up, down), as Llama does.
+PLAIN_MLP_ARCHS = {"gptj", "gpt_neox", "gpt2", "gpt_bigcode", "opt", "phi", "falcon", "bloom"}
 
-@dataclass
+
+class CatalogError(ValueError):
+    """A catalog entry or a config.json that does not describe a usable model shape."""
+
+
+@dataclass(frozen=True)
 class CatalogModel:
     id: str
     name: str
     hub_id: str
-    params_b: float
-    vram_gb: float  # rough QLoRA peak at 512 tokens, micro-batch 1 (see the file's header)
-    licence: str
-    cpu_ok: bool = False  # small enough to train on a CPU in minutes
+    arch: str  # transformers' model_type
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool  # output head shares the input embedding
+    max_context: int
+    params_b: float = 0.0  # published parameter count (0 = unknown, e.g. a local folder)
+    licence: str = "unknown"
+    prompt_style: str = "guanaco"  # default template: guanaco (base models) or model (chat template)
+    head_dim: int = 0  # 0 = hidden / heads
+    cpu_ok: bool = False  # small enough to fine-tune on a CPU in minutes
+    gated: bool = False  # the Hub asks you to accept a licence first
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+    @property
+    def gated_mlp(self) -> bool:
+        return self.arch not in PLAIN_MLP_ARCHS
+
+    @property
+    def linear_params_per_layer(self) -> int:
+        """Weights in one block's linear layers: what bitsandbytes stores in 4 bits and LoRA wraps."""
+        q_and_o = 2 * self.hidden * self.heads * self.head_size
+        k_and_v = 2 * self.hidden * self.kv_heads * self.head_size
+        mlp = (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
+        return q_and_o + k_and_v + mlp
+
+    @property
+    def quantized_params(self) -> int:
+        return self.layers * self.linear_params_per_layer
+
+    @property
+    def embedding_params(self) -> int:
+        """Input embedding plus, unless tied, the output head: both stay in 16 bits (or fp32)."""
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    @property
+    def other_params(self) -> int:
+        # Norm weights (and biases where a family has them): a few vectors per layer.
+        return (4 * self.layers + 2) * self.hidden
+
+    @property
+    def total_params(self) -> int:
+        return self.quantized_params + self.embedding_params + self.other_params
+
+    @property
+    def vram_gb(self) -> float:
+        """Planner estimate at 512 tokens, micro-batch 1, r=64 (kept for older callers)."""
+        from engine.planner import plan
+
+        return plan(self).total_gb
+
+    def problems(self) -> list[str]:
+        """What is wrong with this shape, in words; empty when it is usable."""
+        found = []
+        for name in ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "max_context"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                found.append(f"{name} must be a positive whole number, got {getattr(self, name)!r}")
+        if found:
+            return found
+        if not self.head_dim and self.hidden % self.heads:
+            found.append(f"heads ({self.heads}) must divide hidden ({self.hidden}), or set head_dim")
+        if self.heads % self.kv_heads:
+            found.append(f"kv_heads ({self.kv_heads}) must divide heads ({self.heads})")
+        if self.prompt_style not in ("guanaco", "alpaca", "model"):
+            found.append(f"prompt_style '{self.prompt_style}' is unknown: use guanaco, alpaca or model")
+        return found
+
+
+def _catalog_path() -> Path:
+    return PRESETS_DIR / "models.yaml"
 
 
 def load_catalog() -> list[CatalogModel]:
-    entries = yaml.safe_load((PRESETS_DIR / "models.yaml").read_text())
-    return [CatalogModel(**entry) for entry in entries]
+    path = _catalog_path()
+    known = {f.name for f in fields(CatalogModel)}
+    models = []
+    for number, entry in enumerate(yaml.safe_load(path.read_text()) or [], start=1):
+        unknown = sorted(set(entry) - known)
+        if unknown:
+            raise CatalogError(f"{path}, entry {number} ({entry.get('id')}): unknown field(s) "
+                               f"{', '.join(unknown)}")
+        try:
+            model = CatalogModel(**entry)
+        except TypeError as exc:
+            raise CatalogError(f"{path}, entry {number} ({entry.get('id')}): {exc}") from None
+        problems = model.problems()
+        if problems:
+            raise CatalogError(f"{path}, entry {number} ({model.id}): {'; '.join(problems)}")
+        models.append(model)
+    return models
 
 
 def find(model_id: str) -> CatalogModel | None:
-    return next((m for m in load_catalog() if m.id == model_id), None)
+    """A catalog entry by our id or by its Hub id (case-insensitive)."""
+    wanted = model_id.strip().lower()
+    return next((m for m in load_catalog() if wanted in (m.id.lower(), m.hub_id.lower())), None)
+
+
+def shape_from_config(folder: str | Path) -> CatalogModel:
+    """The shape of a local model folder, read from its config.json (no torch, no transformers)."""
+    path = Path(folder).expanduser() / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CatalogError(f"cannot read {path}: {exc}") from None
+    config = {**config, **config.get("text_config", {})}  # multimodal configs nest the LM
+
+    def pick(*names, default=None):
+        return next((config[n] for n in names if config.get(n) is not None), default)
+
+    hidden = pick("hidden_size", "n_embd", "d_model")
+    heads = pick("num_attention_heads", "n_head")
+    arch = str(pick("model_type", default="llama"))
+    model = CatalogModel(
+        id=str(Path(folder).name), name=str(Path(folder).name), hub_id=str(folder), arch=arch,
+        layers=pick("num_hidden_layers", "n_layer", "num_layers"),
+        hidden=hidden,
+        intermediate=pick("intermediate_size", "n_inner", "ffn_dim", default=4 * (hidden or 0)),
+        heads=heads,
+        kv_heads=pick("num_key_value_heads", "num_kv_heads", default=heads),
+        head_dim=pick("head_dim", default=0) or 0,
+        vocab=pick("vocab_size"),
+        # transformers' own default is to tie when a config does not say
+        tied=bool(pick("tie_word_embeddings", default=True)),
+        max_context=pick("max_position_embeddings", "n_positions", "max_seq_len", default=2048),
+        prompt_style="model",
+    )
+    problems = model.problems()
+    if problems:
+        raise CatalogError(f"{path}: {'; '.join(problems)}")
+    return model
 
 
 def recommend(free_vram_gb: float | None) -> list[tuple[CatalogModel, str]]:
-    """Catalog models that fit, largest first, each with a one-line reason.
+    """Catalog models that fit, best first, each with a one-line reason (see engine.planner)."""
+    from engine.planner import recommend as plan_recommend
 
-    free_vram_gb None means no GPU: only models marked cpu_ok. A 10% margin is kept because the
-    allocator fragments and the card may also drive a screen.
-    """
-    if free_vram_gb is None:
-        return [(m, "CPU mode: small enough to train on a CPU") for m in load_catalog() if m.cpu_ok]
-    budget = free_vram_gb * 0.9
-    fitting = [m for m in load_catalog() if m.vram_gb <= budget]
-    fitting.sort(key=lambda m: m.params_b, reverse=True)
-    return [(m, f"about {m.vram_gb:.1f} GB of {free_vram_gb:.1f} GB free at 512 tokens") for m in fitting]
+    return [(pick.model, pick.why) for pick in plan_recommend(free_vram_gb)]

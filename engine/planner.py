@@ -1,0 +1,326 @@
+"""How much GPU memory a QLoRA run needs, before it starts: a breakdown a person can read.
+
+Pure Python (no torch), so the UI can call it on every slider move. Hand-written because no kept
+library models *our* stack (transformers + peft + bitsandbytes with the casts below); accelerate's
+`estimate-memory` covers weights only.
+
+What our engine does (engine/train.py), and what each part below charges for it:
+- bitsandbytes stores every linear weight of every block in NF4 with double quantization:
+  4 bits + 8-bit absmax per 64 + fp32 second-level constant per 256*64 = 4.127 bits per weight.
+  Embeddings, the output head and norms stay unquantized.
+- peft's prepare_model_for_kbit_training casts every non-4-bit parameter to fp32 (peft 0.21,
+  utils/other.py): embeddings, head and norms cost 4 bytes each, and the residual stream that
+  leaves an fp32 embedding stays fp32, so gradient checkpoints cost 4 bytes per hidden unit.
+- Under bf16 autocast the fp32 head is cast to a bf16 copy for its matmul, and that copy is saved
+  for backward: vocab * hidden * 2 bytes for the whole step.
+- LoRA adapters (all linear layers) are fp32: weight 4 + gradient 4 + AdamW 32-bit state 8 bytes.
+- transformers 5.23's ForCausalLMLoss upcasts logits to fp32 (`logits.float()`, loss_utils.py)
+  and cross_entropy keeps fp32 log-probabilities for backward: with the bf16 logits and the fp32
+  gradient that is about 12 bytes per token per vocabulary entry at the peak.
+- Gradient checkpointing (use_reentrant False) keeps each block's input; one block at a time is
+  recomputed with its LoRA dropout masks and casts (LAYER_HIDDEN_BYTES, LAYER_INTERMEDIATE_BYTES).
+- SDPA attention is memory-efficient (no seq^2 term), except Gemma 2: transformers has no SDPA
+  path for its softcapped attention, so eager attention materialises heads * seq^2 scores.
+
+Calibration (tests/test_planner.py holds each within the tolerance named there):
+- Unsloth's linear fit for Llama-3.1-8B QLoRA r=32 batch 1 with Hugging Face + FlashAttention-2
+  (the stack closest to ours): about 9.7 GB + 2.5 MB per token of torch-reserved memory. The two
+  layer constants were set so our slope lands on 2.5 MB/token; the intercept (no constant fitted)
+  comes out at 9.7 GiB. Both within 10%.
+- Unsloth's own stack, same model: 7.4 GB intercept. Our model with the fp32 upcast turned off
+  (Unsloth keeps embeddings in bf16) gives 6.8 GiB: within 10%. Its 0.21 MB/token slope comes from
+  offloading checkpoints to CPU RAM and a fused loss, which we do not do; not modelled.
+- The QLoRA paper (reference qlora.py: LoRA in bf16, embeddings bf16, paged AdamW): LLaMA 33B in
+  about 21 GB and 65B under 48 GB at batch 1 x 512 tokens, r=64. Paged optimizer state lives in
+  CUDA unified memory, outside PyTorch's allocator and evicted to CPU RAM under pressure, so the
+  paper's figures do not hold it resident: PAPER_STACK says so.
+- torchtune's Llama-3.1-8B QLoRA at batch 2 x 2048 packed, 7.4 GiB: its stack (bf16 everything,
+  LoRA rank 8 without dropout, chunked loss) is far enough from ours that we only check the same
+  formula with its settings lands within 15%.
+Not yet measured on our engine: bench/memory.md says how (bench/memory_peak.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from engine.catalog import CatalogError, CatalogModel, find, load_catalog, shape_from_config
+from engine.config import PRESETS_DIR
+
+GIB = 1024**3
+NF4_DOUBLE_QUANT_BITS = 4.127  # 4 + 8/64 + 32/(64*256)
+NF4_BITS = 4.5  # without double quantization: an fp32 absmax per 64 weights
+# One recomputed block's working set per token, in bytes per hidden unit and per intermediate unit:
+# norms in fp32, q/k/v/o and MLP outputs in bf16, LoRA dropout copies and masks of each input.
+# Set so Llama-3.1-8B's slope matches Unsloth's HF+FA2 fit (2.5 MB/token); see the module doc.
+LAYER_HIDDEN_BYTES = 60
+LAYER_INTERMEDIATE_BYTES = 14
+EAGER_ATTENTION_BYTES = 10  # per head per (query, key) pair: bf16 scores, fp32 softmax, grads
+CUDA_CONTEXT_GB = 0.5  # the process's CUDA context + cuBLAS workspace; not in torch's counters
+SAFETY = 0.90  # plan for 90% of free VRAM: the estimate's tolerance, fragmentation, a screen
+CPU_FLOPS = 2.1e11  # DESIGN.md: 2-core CPU trains SmolLM2-135M at ~260 tokens/s -> 6*135M*260
+GPU_UTILISATION = 0.30  # share of the dense tensor rate QLoRA reaches (4-bit dequant each matmul)
+
+
+@dataclass(frozen=True)
+class Stack:
+    """How a training stack stores what it trains; OUR_STACK is engine/train.py."""
+    upcast_fp32: bool = True  # peft casts embeddings/head/norms (and so the residual) to fp32
+    lora_bytes: int = 8  # LoRA weight + gradient per parameter (fp32: 4 + 4)
+    optimizer_bytes: int = 8  # AdamW 32-bit: two fp32 moments (paged_adamw_8bit: 2)
+    optimizer_resident: bool = True  # counted in VRAM (paged state can spill to CPU RAM)
+    logits_bytes: float = 12.0  # per token per vocab entry at the loss peak
+    layer_scale: float = 1.0  # the recomputed block's working set relative to ours
+    lora_modules: str = "all-linear"  # or "attn-qv+o+mlp" (torchtune's default)
+
+
+OUR_STACK = Stack()
+PAPER_STACK = Stack(upcast_fp32=False, lora_bytes=4, optimizer_resident=False)
+UNSLOTH_STACK = Stack(upcast_fp32=False)
+TORCHTUNE_STACK = Stack(upcast_fp32=False, lora_bytes=4, optimizer_bytes=4,
+                        logits_bytes=2 + 12 / 8,  # bf16 logits kept, fp32 loss over 1 of 8 chunks
+                        layer_scale=0.5, lora_modules="attn-qv+o+mlp")
+
+
+@dataclass
+class Plan:
+    model: str  # catalog id (or folder name)
+    name: str
+    max_seq_len: int
+    micro_batch: int
+    lora_r: int
+    parts: dict[str, float]  # GB per part, in display order
+    total_gb: float
+    torch_gb: float  # what torch.cuda.max_memory_reserved should show (no context, no paged state)
+    vram_gb: float | None  # the memory it was checked against (None = not checked)
+    fits: bool
+    why: str
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values["breakdown"] = values.pop("parts")
+        return values
+
+
+def lora_params(model: CatalogModel, r: int, modules: str = "all-linear") -> int:
+    h, i = model.hidden, model.intermediate
+    q, kv = model.heads * model.head_size, model.kv_heads * model.head_size
+    attention = {"q": h + q, "k": h + kv, "v": h + kv, "o": q + h}
+    if modules != "all-linear":
+        attention.pop("k")
+    mlp = (3 if model.gated_mlp else 2) * (h + i)
+    return model.layers * r * (sum(attention.values()) + mlp)
+
+
+def plan(model: CatalogModel, max_seq_len: int = 512, micro_batch: int = 1, lora_r: int = 64,
+         vram_gb: float | None = None, stack: Stack = OUR_STACK, double_quant: bool = True) -> Plan:
+    tokens = max_seq_len * micro_batch
+    wide = 4 if stack.upcast_fp32 else 2  # bytes of every unquantized parameter and the residual
+    bits = NF4_DOUBLE_QUANT_BITS if double_quant else NF4_BITS
+    head_copy = model.vocab * model.hidden * 2 if stack.upcast_fp32 else 0
+    layer = stack.layer_scale * (LAYER_HIDDEN_BYTES * model.hidden
+                                 + LAYER_INTERMEDIATE_BYTES * model.intermediate)
+    attention = 0.0
+    if model.arch == "gemma2":
+        attention = micro_batch * model.heads * max_seq_len**2 * EAGER_ATTENTION_BYTES
+    n_lora = lora_params(model, lora_r, stack.lora_modules)
+    optimizer = n_lora * stack.optimizer_bytes
+    dequant = 2 * 2 * model.hidden * max(model.intermediate, model.heads * model.head_size)
+    parts = {
+        "4-bit weights": model.quantized_params * bits / 8,
+        f"{'fp32' if stack.upcast_fp32 else '16-bit'} embeddings, head, norms":
+            (model.embedding_params + model.other_params) * wide,
+        "LoRA weights + gradients": n_lora * stack.lora_bytes,
+        "optimizer state": optimizer if stack.optimizer_resident else 0.0,
+        "activations (checkpointed)": tokens * (model.layers * model.hidden * wide + layer) + attention,
+        "logits + loss": tokens * model.vocab * stack.logits_bytes + head_copy,
+        "CUDA context + 4-bit dequant buffers": CUDA_CONTEXT_GB * GIB + dequant,
+    }
+    parts = {name: round(value / GIB, 3) for name, value in parts.items()}
+    total = round(sum(parts.values()), 2)
+    # paged optimizer state lives in CUDA managed memory, which torch's counters do not see
+    torch_gb = round(total - CUDA_CONTEXT_GB - parts["optimizer state"], 2)
+    fits = vram_gb is None or total <= vram_gb * SAFETY
+    where = f" of {vram_gb:.0f} GB" if vram_gb is not None else ""
+    why = f"{model.name}: {total:.1f} GB{where} at {max_seq_len} tokens"
+    if micro_batch > 1:
+        why += f" x micro-batch {micro_batch}"
+    return Plan(model=model.id, name=model.name, max_seq_len=max_seq_len, micro_batch=micro_batch,
+                lora_r=lora_r, parts=parts, total_gb=total, torch_gb=torch_gb, vram_gb=vram_gb,
+                fits=fits, why=why)
+
+
+def model_shape(name: str) -> CatalogModel | None:
+    """The shape of a catalog id, a Hub id in the catalog, or a local folder; None if unknown."""
+    name = (name or "").strip()
+    entry = find(name)
+    if entry is not None:
+        return entry
+    if Path(name).expanduser().is_dir():
+        return shape_from_config(name)
+    return None
+
+
+def longest_fit(model: CatalogModel, vram_gb: float, micro_batch: int = 1, lora_r: int = 64,
+                step: int = 64) -> int:
+    """The longest max_seq_len (a multiple of `step`, up to the model's context) that fits; 0 if none."""
+    low, high = 0, model.max_context // step  # memory grows with length: bisect on multiples of step
+    while low < high:
+        middle = (low + high + 1) // 2
+        if plan(model, middle * step, micro_batch, lora_r, vram_gb).fits:
+            low = middle
+        else:
+            high = middle - 1
+    return low * step
+
+
+def preflight(model_name: str, max_seq_len: int, micro_batch: int, lora_r: int,
+              free_vram_gb: float | None, total_vram_gb: float | None = None) -> str | None:
+    """None when the run may start; otherwise why it would run out of memory and what to change.
+
+    free_vram_gb None means no GPU: training runs on the CPU, and nothing here blocks it.
+    A model whose shape we cannot know (a Hub id outside the catalog) is not blocked either.
+    """
+    if free_vram_gb is None:
+        return None
+    try:
+        model = model_shape(model_name)
+    except CatalogError:
+        return None
+    if model is None:
+        return None
+    result = plan(model, max_seq_len, micro_batch, lora_r, free_vram_gb)
+    if result.fits:
+        return None
+    text = (f"{model.name} at {max_seq_len} tokens x micro-batch {micro_batch} (LoRA r={lora_r}) needs "
+            f"about {result.total_gb:.1f} GB, but the GPU has {free_vram_gb:.1f} GB free and runs need "
+            f"{100 - int(SAFETY * 100)}% headroom.")
+    if total_vram_gb and total_vram_gb - free_vram_gb > 1.0:
+        text += (f" Other programs hold {total_vram_gb - free_vram_gb:.1f} GB of the card: closing "
+                 "them frees it.")
+    fixes = []
+    length = longest_fit(model, free_vram_gb, micro_batch, lora_r)
+    if length:
+        fixes.append(f"set max_seq_len to {length} or less")
+    if micro_batch > 1:
+        single = longest_fit(model, free_vram_gb, 1, lora_r)
+        if single >= max_seq_len:
+            fixes.append(f"set micro_batch_size to 1 (and grad_accum_steps {micro_batch}x higher)")
+        elif single > length:
+            fixes.append(f"set micro_batch_size to 1 and max_seq_len to {single} or less")
+    if lora_r > 16:
+        low_rank = longest_fit(model, free_vram_gb, micro_batch, 16)
+        if low_rank >= max_seq_len:
+            fixes.append("lower the LoRA rank to 16")
+        elif low_rank > length:
+            fixes.append(f"lower the LoRA rank to 16 and max_seq_len to {low_rank} or less")
+    fixes.append("pick a smaller model (the Hardware tab lists the ones that fit)")
+    return text + " To fit: " + "; or ".join(fixes) + "."
+
+
+@dataclass
+class Pick:
+    model: CatalogModel
+    max_seq_len: int
+    micro_batch: int
+    total_gb: float
+    why: str
+
+    def to_dict(self) -> dict:
+        return {"model": self.model.id, "name": self.model.name, "hub_id": self.model.hub_id,
+                "max_seq_len": self.max_seq_len, "micro_batch": self.micro_batch,
+                "total_gb": self.total_gb, "why": self.why}
+
+
+def recommend(free_vram_gb: float | None, lora_r: int = 16, min_seq_len: int = 1024) -> list[Pick]:
+    """Catalog models that fit at `min_seq_len` tokens or more, largest first.
+
+    Each comes with the longest power-of-two sequence length (up to its context and 8192) that fits
+    at micro-batch 1, then the largest micro-batch up to 8 at that length. No GPU: the models marked
+    cpu_ok. r=16 is the default recipe's rank.
+    """
+    models = load_catalog()
+    if free_vram_gb is None:
+        # The quick-test recipe's shape; the figure is memory the run takes (RAM on a CPU).
+        return [Pick(m, 256, 4, plan(m, 256, 4, 16).total_gb,
+                     f"{m.name}: CPU mode, small enough to train on a CPU in minutes")
+                for m in models if m.cpu_ok]
+    picks = []
+    for model in models:
+        lengths = [n for n in (8192, 4096, 2048, 1024, 512) if min_seq_len <= n <= model.max_context]
+        length = next((n for n in lengths if plan(model, n, 1, lora_r, free_vram_gb).fits), 0)
+        if not length:
+            continue
+        batch = next(b for b in (8, 4, 2, 1) if plan(model, length, b, lora_r, free_vram_gb).fits)
+        best = plan(model, length, batch, lora_r, free_vram_gb)
+        picks.append(Pick(model, length, batch, best.total_gb, best.why))
+    picks.sort(key=lambda p: (p.model.total_params, p.max_seq_len), reverse=True)
+    return picks
+
+
+# --- the GPU table and the training-time estimate -------------------------------------------------
+
+@dataclass(frozen=True)
+class GpuSpec:
+    name: str
+    vram_gb: float
+    bf16: bool
+    bandwidth_gbs: float
+    tflops_16bit: float  # dense bf16/fp16 tensor rate with fp32 accumulation
+
+
+def load_gpus() -> list[GpuSpec]:
+    return [GpuSpec(**entry) for entry in yaml.safe_load((PRESETS_DIR / "gpus.yaml").read_text())]
+
+
+def find_gpu(name: str, vram_gb: float | None = None) -> GpuSpec | None:
+    """The table's card for a detected or typed name ("NVIDIA GeForce RTX 3060", "3060", "rtx 4090")."""
+    wanted = " ".join(name.lower().replace("geforce", "").replace("nvidia", "").split())
+    if wanted and not wanted.startswith("rtx"):
+        wanted = "rtx " + wanted
+    cards = [g for g in load_gpus() if g.name.lower() == wanted]
+    if not cards:  # the longest table name that the detected name ends with ("RTX 4070 Ti SUPER")
+        cards = [g for g in load_gpus() if wanted.endswith(g.name.lower())]
+        longest = max((len(g.name) for g in cards), default=0)
+        cards = [g for g in cards if len(g.name) == longest]
+    if not cards:
+        return None
+    if vram_gb is None:
+        return max(cards, key=lambda g: g.vram_gb)
+    return min(cards, key=lambda g: abs(g.vram_gb - vram_gb))
+
+
+def training_flops_per_token(model: CatalogModel, max_seq_len: int) -> float:
+    """Forward, recomputed forward and input-gradient backward: about 3 x 2 FLOPs per weight used
+    (frozen weights need no weight gradient), plus causal attention's score and value matmuls."""
+    matmul_params = model.quantized_params + model.vocab * model.hidden
+    attention = 2 * 2 * model.layers * model.heads * model.head_size * max_seq_len / 2
+    return 3 * (2 * matmul_params + attention)
+
+
+def estimate_seconds(model: CatalogModel, tokens: int, max_seq_len: int, gpu: GpuSpec | None) -> float:
+    """Training time for `tokens` tokens (all epochs); None gpu = a CPU at DESIGN.md's rate."""
+    return tokens / tokens_per_second(model, max_seq_len, gpu)
+
+
+def detected_gpu():
+    """The GPU training uses (the first CUDA device, as engine.hardware sees it), or None."""
+    from engine.hardware import detect_gpus
+
+    gpus, _ = detect_gpus()
+    return gpus[0] if gpus else None
+
+
+def detected_vram() -> tuple[float | None, float | None]:
+    """(free, total) GB of the GPU training uses, or (None, None) on a CPU-only machine."""
+    gpu = detected_gpu()
+    return (gpu.free_gb, gpu.total_gb) if gpu else (None, None)
+
+
+def tokens_per_second(model: CatalogModel, max_seq_len: int, gpu: GpuSpec | None) -> float:
+    """A first guess of training speed; the live tokens/s in metrics.jsonl replaces it."""
+    rate = CPU_FLOPS if gpu is None else gpu.tflops_16bit * 1e12 * GPU_UTILISATION
+    return rate / training_flops_per_token(model, max_seq_len)

@@ -1,0 +1,230 @@
+"""The memory planner against published figures, the recommendation per card, the pre-flight
+refusal (planner, UI and command line) and `python -m engine plan/recommend --json`."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine import planner
+from engine.catalog import find
+from engine.hardware import Gpu
+from engine.planner import (CUDA_CONTEXT_GB, PAPER_STACK, TORCHTUNE_STACK, UNSLOTH_STACK, plan,
+                            preflight, recommend)
+
+ROOT = Path(__file__).resolve().parent.parent
+GB = 1e9 / 1024**3  # one decimal gigabyte in GiB
+LLAMA31 = find("llama-3.1-8b")
+
+
+def fit_line(model, lengths=(1024, 3072), lora_r=32, stack=planner.OUR_STACK, reserved=True):
+    """Intercept (GiB) and slope (MB per token) of torch-reserved memory at micro-batch 1."""
+    low, high = (plan(model, n, 1, lora_r, stack=stack) for n in lengths)
+    # torch's counters omit the CUDA context; we count the optimizer as resident here, because
+    # Unsloth's runs use a non-paged AdamW whose state torch does see.
+    values = [p.total_gb - CUDA_CONTEXT_GB for p in (low, high)] if reserved else [low.torch_gb, high.torch_gb]
+    slope = (values[1] - values[0]) / (lengths[1] - lengths[0])
+    return values[0] - slope * lengths[0], slope * 1024**3 / 1e6
+
+
+def test_unsloth_hf_fa2_line_for_llama_31_8b():
+    # Unsloth's fit for HF + FA2, QLoRA r=32, batch 1: ~9.7 GB + 2.5 MB/token. Tolerance 10%: the
+    # fit itself is read off a chart, and FA2 vs our SDPA differ by a few MB per layer.
+    intercept, slope = fit_line(LLAMA31)
+    assert slope == pytest.approx(2.5, rel=0.10)
+    assert intercept == pytest.approx(9.7, rel=0.10)
+    # With paged AdamW (ours) the state leaves torch's counters; the intercept stays within 10%.
+    assert fit_line(LLAMA31, reserved=False)[0] == pytest.approx(9.7, rel=0.10)
+    # Unsloth's own stack starts 2.3 GB lower (7.4 GB): most of that gap is the fp32 copy of the
+    # embeddings and head that peft's prepare_model_for_kbit_training makes; the same model with
+    # bf16 embeddings must come out at least 2 GB lower.
+    assert intercept - fit_line(LLAMA31, stack=UNSLOTH_STACK)[0] > 2.0
+
+
+def test_qlora_paper_33b_and_65b():
+    # The paper (its qlora.py stack, batch 1 x 512, r=64): 33B in about 21 GB, 65B under 48 GB.
+    # 10%: the paper's own figures are rounded and do not say what they count.
+    llama33 = plan(find("llama-33b"), 512, 1, 64, stack=PAPER_STACK)
+    assert llama33.total_gb == pytest.approx(21 * GB, rel=0.10)
+    assert llama33.total_gb == pytest.approx(21, rel=0.10)  # the same whether GB means 1e9 or 2^30
+    assert plan(find("llama-65b"), 512, 1, 64, stack=PAPER_STACK).total_gb < 48 * GB
+    # and even with our fp32 adapters and the optimizer state held resident, 65B stays under 48 GB
+    assert plan(find("llama-65b"), 512, 1, 16).total_gb < 48 * GB
+
+
+def test_qlora_paper_gpt_j_in_12_gb_and_neox_in_24_gb_with_our_stack():
+    assert plan(find("gpt-j-6b"), 512, 1, 64, vram_gb=12).fits
+    assert plan(find("gpt-neox-20b"), 512, 1, 64, vram_gb=24).fits
+    assert not plan(find("gpt-neox-20b"), 512, 1, 64, vram_gb=16).fits
+
+
+def test_torchtune_llama_31_8b_batch_2_x_2048():
+    # torchtune reports 7.4 GiB. Its flags (activation offloading, compile) are not all published,
+    # so this only holds that the same formula with its settings is an upper bound within 30%.
+    estimate = plan(LLAMA31, 2048, 2, 8, stack=TORCHTUNE_STACK).torch_gb
+    assert 7.4 <= estimate <= 7.4 * 1.3
+
+
+def test_breakdown_is_consistent():
+    small, long, wide = plan(LLAMA31, 512), plan(LLAMA31, 4096), plan(LLAMA31, 512, lora_r=128)
+    assert sum(small.parts.values()) == pytest.approx(small.total_gb, abs=0.02)
+    assert all(value >= 0 for value in small.parts.values())
+    changed = {k for k in small.parts if small.parts[k] != long.parts[k]}
+    assert changed == {"activations (checkpointed)", "logits + loss"}
+    assert {k for k in small.parts if small.parts[k] != wide.parts[k]} == {
+        "LoRA weights + gradients", "optimizer state"}
+    assert plan(LLAMA31, 512, double_quant=False).parts["4-bit weights"] > small.parts["4-bit weights"]
+    # The logits: 12 bytes per token per vocabulary entry (fp32 upcast in ForCausalLMLoss)
+    assert long.parts["logits + loss"] - small.parts["logits + loss"] == pytest.approx(
+        3584 * 128256 * 12 / 1024**3, rel=0.01)
+
+
+def test_gemma2_eager_attention_grows_with_the_square_of_length():
+    gemma = find("gemma-2-2b")
+    a, b, c = (plan(gemma, n).parts["activations (checkpointed)"] for n in (1024, 2048, 4096))
+    assert c - b > 2.5 * (b - a)
+    llama = find("llama-3.2-3b")
+    a, b, c = (plan(llama, n).parts["activations (checkpointed)"] for n in (1024, 2048, 4096))
+    assert c - b == pytest.approx(2 * (b - a), rel=0.01)
+
+
+def ids(vram):
+    return [pick.model.id for pick in recommend(vram)]
+
+
+def test_12_gb_card():
+    picks = recommend(12)
+    assert {"gpt-j-6b", "mistral-7b", "llama-2-7b"} <= set(ids(12))
+    assert not {"gpt-neox-20b", "qwen2.5-14b", "llama-2-13b"} & set(ids(12))
+    gptj = next(p for p in picks if p.model.id == "gpt-j-6b")
+    assert gptj.why == f"GPT-J 6B: {gptj.total_gb:.1f} GB of 12 GB at {gptj.max_seq_len} tokens"
+    for pick in picks:  # the longest length that fits: the next power of two does not
+        assert plan(pick.model, pick.max_seq_len, pick.micro_batch, 16, 12).fits
+        if pick.max_seq_len * 2 <= min(pick.model.max_context, 8192):
+            assert not plan(pick.model, pick.max_seq_len * 2, 1, 16, 12).fits
+        assert pick.total_gb <= 12 * planner.SAFETY
+    sizes = [p.model.total_params for p in picks]
+    assert sizes == sorted(sizes, reverse=True)
+
+
+def test_llama_31_8b_on_12_gb_is_told_honestly():
+    # Our stack keeps Llama 3's 128K-vocabulary embeddings and head in fp32 (4.2 GB): at 1024
+    # tokens that does not fit 12 GB, while the same model with bf16 embeddings would.
+    assert not plan(LLAMA31, 1024, 1, 16, vram_gb=12).fits
+    assert plan(LLAMA31, 1024, 1, 16, vram_gb=12, stack=UNSLOTH_STACK).fits
+
+
+def test_24_gb_card_puts_gpt_neox_20b_first():
+    assert ids(24)[0] == "gpt-neox-20b"
+    assert "llama-33b" not in ids(24)
+
+
+def test_8_gb_card_gets_smaller_models():
+    picks = recommend(8)
+    assert all(p.model.total_params < 7.5e9 for p in picks)
+    assert "llama-3.1-8b" not in ids(8)
+    assert {"smollm2-1.7b", "phi-3.5-mini", "qwen2.5-3b"} <= set(ids(8))
+
+
+def test_cpu_gets_the_embedded_model():
+    assert ids(None) == ["embedded"]
+
+
+def test_preflight():
+    assert preflight("gpt-j-6b", 8192, 8, 64, None) is None  # CPU: never blocks
+    assert preflight("someone/unknown-model", 8192, 8, 64, 4) is None  # no shape: cannot judge
+    assert preflight("gpt-j-6b", 1024, 1, 16, 12) is None
+    refusal = preflight("gpt-j-6b", 2048, 4, 64, 10, total_vram_gb=12)
+    assert "needs about" in refusal and "10.0 GB free" in refusal
+    assert "Other programs hold 2.0 GB" in refusal
+    length = int(refusal.split("set max_seq_len to ")[1].split()[0])
+    assert plan(find("gpt-j-6b"), length, 4, 64, 10).fits
+    assert not plan(find("gpt-j-6b"), length + 64, 4, 64, 10).fits
+
+
+def test_training_time_estimate():
+    embedded, gptj = find("embedded"), find("gpt-j-6b")
+    # DESIGN.md: SmolLM2-135M trains at about 260 tokens/s on this kind of 2-core CPU
+    assert planner.tokens_per_second(embedded, 256, None) == pytest.approx(260, rel=0.10)
+    rtx3060, rtx4090 = planner.find_gpu("RTX 3060", 12), planner.find_gpu("RTX 4090")
+    assert planner.estimate_seconds(gptj, 10**6, 1024, rtx4090) < planner.estimate_seconds(
+        gptj, 10**6, 1024, rtx3060)
+    assert planner.estimate_seconds(gptj, 2 * 10**6, 1024, rtx3060) == pytest.approx(
+        2 * planner.estimate_seconds(gptj, 10**6, 1024, rtx3060))
+
+
+@pytest.fixture
+def rtx_3060(monkeypatch):
+    """A simulated RTX 3060 12 GB with 11 GB free, as engine.hardware would report it."""
+    card = Gpu(index=0, name="NVIDIA GeForce RTX 3060", total_gb=12.0, free_gb=11.0,
+               compute_capability="8.6", bf16=True)
+    monkeypatch.setattr("engine.hardware.detect_gpus", lambda: ([card], ""))
+    return card
+
+
+def form_values(**changes):
+    from app.train_tab import FIELDS, recipe_values
+
+    values = recipe_values("default")[1:]
+    names = [field for field, *_ in FIELDS]
+    for name, value in changes.items():
+        values[names.index(name)] = value
+    return values
+
+
+def test_ui_start_refuses_a_run_that_does_not_fit(rtx_3060, data_dir, facts_file):
+    from app import train_tab
+
+    values = form_values(max_seq_len=2048, micro_batch_size=4)
+    _, message = train_tab.start("default", "gpt-j-6b", "", str(facts_file), "guanaco", *values)
+    assert message.startswith("⚠️") and "GPT-J 6B" in message and "max_seq_len" in message
+    assert train_tab.list_runs() == []  # nothing was started
+    bar = train_tab.memory_bar("gpt-j-6b", "", 2048, 4, 16)
+    assert "does not fit" in bar and "RTX 3060" in bar
+    assert "fits" in train_tab.memory_bar("gpt-j-6b", "", 512, 1, 16)
+
+
+def test_ui_check_does_not_block_the_embedded_model_on_cpu(monkeypatch):
+    from app import train_tab
+    from engine.config import load_recipe
+
+    monkeypatch.setattr("engine.hardware.detect_gpus", lambda: ([], "no GPU"))
+    cfg = load_recipe("quick-test", data_path="x.jsonl", max_seq_len=8192, micro_batch_size=64)
+    assert train_tab.memory_refusal(cfg) is None
+    assert "trains on the CPU" in train_tab.memory_bar("embedded", "", 256, 4, 16)
+
+
+def test_cli_train_refuses_before_loading_anything(facts_file, tmp_path, capsys, data_dir):
+    from engine.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train", "--model", "gpt-j-6b", "--data", str(facts_file), "--out", str(out),
+                 "--vram-gb", "8", "--max-seq-len", "4096"])
+    err = capsys.readouterr().err
+    assert code == 1 and "GPT-J 6B" in err and "8.0 GB free" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_cli_plan_and_recommend_json(tmp_path):
+    env = dict(os.environ, QLS_DATA_DIR=str(tmp_path))
+    commands = {"plan": ["plan", "--model", "EleutherAI/gpt-j-6b", "--gpu", "RTX 3060",
+                         "--max-seq-len", "1024", "--micro-batch", "1", "--lora-r", "16", "--json"],
+                "recommend": ["recommend", "--vram-gb", "24", "--json"]}
+    processes = {name: subprocess.Popen([sys.executable, "-m", "engine", *args], cwd=ROOT, env=env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for name, args in commands.items()}
+    results = {name: p.communicate(timeout=120) + (p.returncode,) for name, p in processes.items()}
+    out, err, code = results["plan"]
+    assert code == 0, err
+    values = json.loads(out)
+    assert values["model"] == "gpt-j-6b" and values["fits"] is True and values["vram_gb"] == 12
+    assert values["total_gb"] == plan(find("gpt-j-6b"), 1024, 1, 16, 12).total_gb
+    assert sum(values["breakdown"].values()) == pytest.approx(values["total_gb"], abs=0.02)
+    out, err, code = results["recommend"]
+    assert code == 0, err
+    picks = json.loads(out)
+    assert picks[0]["model"] == "gpt-neox-20b"
+    assert all({"model", "max_seq_len", "micro_batch", "total_gb"} <= set(p) for p in picks)
