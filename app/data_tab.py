@@ -1,17 +1,19 @@
-"""Data tab: upload a .jsonl file, see it validated, and see rows as the model will."""
+"""Data tab: upload a file (or name a Hub dataset), see every problem by line, see rows exactly as
+the model will, and the token statistics that decide max_seq_len. The engine does all reading."""
 
 from __future__ import annotations
 
-import hashlib
-import shutil
 from pathlib import Path
 
 import gradio as gr
+import pandas as pd
 
 from app.hardware_tab import selected_model
-from engine.data import FORMATS, read_dataset
+from engine.data import FORMATS, DataReport, read_dataset
+from engine.datastats import StatsCollector
 from engine.paths import uploads_dir
-from engine.preview import preview_rows, preview_template
+from engine.preview import CUT, TRAINED, preview_row, preview_template
+from engine.readers import SUFFIXES, UploadError, store_upload
 from engine.templates import TemplateError
 
 TEMPLATES = [
@@ -19,68 +21,165 @@ TEMPLATES = [
     ("Alpaca (### Instruction: / ### Response:)", "alpaca"),
     ("The model's own chat template", "model"),
 ]
-ROW_SEPARATOR = "\n\n"
+FORMAT_CHOICES = [("Detect automatically", "auto")] + [(f"{k}: {v}", k) for k, v in FORMATS.items()]
+PREVIEW_ROWS = 3
+MAX_LISTED = 20
+HINT = f"Upload a {', '.join(SUFFIXES)} file, or name a Hugging Face dataset."
+EMPTY_HISTOGRAM = pd.DataFrame({"tokens": [], "rows": [], "length": []})
 
 
-def store_upload(temp_path: str) -> Path:
-    """Copy the upload, unchanged, into the data dir under a generated name (never the user's)."""
-    # Named by content: the same file uploaded twice is stored once.
-    digest = hashlib.sha256(Path(temp_path).read_bytes()).hexdigest()[:16]
-    target = uploads_dir() / f"{digest}.jsonl"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(temp_path, target)
-    return target
-
-
-def check_data(file, template: str, model_choice: str, custom_model: str):
-    """Returns (stored path or '', summary markdown, highlighted preview)."""
-    if not file:
-        return "", "Upload a `.jsonl` file: one JSON object per line.", []
-    original = Path(file).name
-    if Path(file).suffix.lower() != ".jsonl":
-        return "", f"**{original}** is not a `.jsonl` file: save one JSON object per line as .jsonl.", []
-    stored = store_upload(file)
-    summary, preview = describe(stored, original, template, selected_model(model_choice, custom_model))
-    ok = summary.startswith("✅")
-    return (str(stored) if ok else ""), summary, preview
-
-
-def describe(path: Path, original: str, template: str, model: str):
-    report = read_dataset(path)
-    if report.errors:
-        lines = [f"❌ **{original}**: {len(report.errors)} problem(s); fix the file and upload it again."]
-        lines += [f"- {problem}" for problem in report.errors[:20]]
-        if len(report.errors) > 20:
-            lines.append(f"- ... and {len(report.errors) - 20} more")
-        lines.append("\nRecognised row shapes: " + "; ".join(f"{k}: `{v}`" for k, v in FORMATS.items()))
-        return "\n".join(lines), []
-    summary = f"✅ **{original}**: {len(report.rows)} rows in **{report.format}** format."
+def check_data(file, hub_id, fmt, columns, template, max_seq_len, skip_bad_rows, model_choice,
+               custom_model, progress=gr.Progress()):
+    """Returns (data path for training or '', summary, preview, statistics, histogram)."""
+    hub_id = (hub_id or "").strip()
+    if not file and not hub_id:
+        return "", HINT, [], "", EMPTY_HISTOGRAM
+    if file:
+        shown = Path(file).name  # only ever shown, never joined into a path
+        try:
+            source = str(store_upload(file, uploads_dir()))
+        except UploadError as exc:
+            return "", f"❌ {exc}", [], "", EMPTY_HISTOGRAM
+    else:
+        shown = source = hub_id
+    max_seq_len = int(max_seq_len or 512)
     try:
-        chosen, note = preview_template(model, template)
-        rows = preview_rows(report, chosen, count=3)
+        chosen, tokenizer, note = preview_template(selected_model(model_choice, custom_model), template)
     except TemplateError as exc:
-        return summary + f"\n\n⚠️ Preview unavailable: {exc}", []
+        chosen, tokenizer, note = None, None, f"⚠️ Preview unavailable: {exc}"
+    collector = StatsCollector(tokenizer, chosen, max_seq_len) if tokenizer is not None else None
+
+    def report_progress(fraction: float, text: str) -> None:
+        progress(fraction, desc=text)
+
+    try:
+        report = read_dataset(source, fmt, columns or "", report_progress, keep=PREVIEW_ROWS,
+                              on_row=collector.add if collector else None)
+        stats = collector.finish() if collector else None
+    except TemplateError as exc:  # the model's chat template cannot render these rows
+        report = read_dataset(source, fmt, columns or "", report_progress, keep=PREVIEW_ROWS)
+        stats, note, chosen = None, f"⚠️ Preview unavailable: {exc}", None
+    usable = report.usable(bool(skip_bad_rows))
+    summary = describe(report, shown, bool(skip_bad_rows))
     if note:
         summary += f"\n\n{note}"
-    summary += "\n\nPreview of the first rows as the model sees them; highlighted text is trained on " \
-               "(the assistant's answers), the rest is context only."
+    preview = render_preview(report, chosen, tokenizer, max_seq_len) if chosen else []
+    stats_text = stats_markdown(stats) if stats else ""
+    return (source if usable else ""), summary, preview, stats_text, histogram_frame(stats)
+
+
+def describe(report: DataReport, shown: str, skip_bad_rows: bool) -> str:
+    if report.ok:
+        return f"✅ **{shown}**: {report.row_count:,} rows in **{report.format}** format."
+    if report.usable(skip_bad_rows):
+        head = (f"✅ **{shown}**: {report.row_count:,} rows in **{report.format}** format will be used; "
+                f"**{report.bad_rows:,} bad rows are skipped**, as asked:")
+    elif report.row_count and not report.fatal:
+        head = (f"❌ **{shown}**: {report.bad_rows:,} bad rows ({len(report.errors):,} problems). Fix "
+                f"the file and upload it again, or tick *Skip bad rows* to train on the "
+                f"{report.row_count:,} good rows:")
+    else:
+        head = f"❌ **{shown}** cannot be used: {len(report.errors):,} problem(s):"
+    lines = [head] + [f"- {problem}" for problem in report.errors[:MAX_LISTED]]
+    if len(report.errors) > MAX_LISTED:
+        lines.append(f"- ... and {len(report.errors) - MAX_LISTED:,} more")
+    if not report.row_count:
+        lines.append("\nRecognised row shapes: " + "; ".join(f"{k}: `{v}`" for k, v in FORMATS.items()))
+    return "\n".join(lines)
+
+
+def render_preview(report: DataReport, template, tokenizer, max_seq_len: int) -> list:
     highlighted = []
-    for number, segments in enumerate(rows, start=1):
-        highlighted.append((f"{ROW_SEPARATOR if number > 1 else ''}── row {number} ──\n", None))
-        highlighted += [(text, "trained" if trained else None) for text, trained in segments]
-    return summary, highlighted
+    for number, row in enumerate(report.rows[:PREVIEW_ROWS], start=1):
+        highlighted.append((f"{chr(10) * 2 if number > 1 else ''}── row at line {row.line} ──\n", None))
+        highlighted += preview_row(row, template, tokenizer, max_seq_len)
+    return highlighted
+
+
+def stats_markdown(stats) -> str:
+    return "**Token statistics** (the model's tokenizer)\n\n" + "\n".join(
+        f"- {line}" for line in stats.summary().splitlines())
+
+
+def histogram_frame(stats) -> pd.DataFrame:
+    if stats is None or not stats.rows:
+        return EMPTY_HISTOGRAM
+    bars = stats.histogram()
+    return pd.DataFrame({
+        "tokens": [bar["end"] for bar in bars],
+        "rows": [bar["count"] for bar in bars],
+        "length": [f"over max_seq_len {stats.max_seq_len}: cut" if bar["cut"] else
+                   f"within max_seq_len {stats.max_seq_len}" for bar in bars],
+    })
+
+
+def check_eval(file, fmt, columns):
+    """Returns (eval data path or '', message) for an optional second file used for eval loss."""
+    if not file:
+        return "", ""
+    try:
+        source = store_upload(file, uploads_dir())
+    except UploadError as exc:
+        return "", f"❌ {exc}"
+    report = read_dataset(source, fmt, columns or "", keep=0)
+    shown = Path(file).name
+    if not report.ok:
+        return "", describe(report, shown, False) + "\n\nThe eval file must be clean."
+    return str(source), f"✅ Eval file **{shown}**: {report.row_count:,} rows; the eval share is unused."
 
 
 def build(hardware: dict) -> dict:
-    upload = gr.File(label="Training data (.jsonl)", file_types=[".jsonl"], type="filepath",
-                     elem_id="data-upload")
-    template = gr.Dropdown(choices=TEMPLATES, value="guanaco", label="Prompt format",
-                           elem_id="template-choice")
-    summary = gr.Markdown("Upload a `.jsonl` file: one JSON object per line.", elem_id="data-summary")
-    preview = gr.HighlightedText(label="Preview", color_map={"trained": "green"},
-                                 combine_adjacent=True, elem_id="data-preview")
-    data_path = gr.State("")
-    inputs = [upload, template, hardware["model"], hardware["custom_model"]]
-    upload.upload(check_data, inputs, [data_path, summary, preview], api_name="check_data")
-    template.change(check_data, inputs, [data_path, summary, preview], api_name=False)
-    return {"data_path": data_path, "template": template}
+    with gr.Row():
+        upload = gr.File(label="Training data", file_types=list(SUFFIXES), type="filepath",
+                         elem_id="data-upload")
+        with gr.Column():
+            hub_id = gr.Textbox(label="…or a Hugging Face dataset id (needs a network connection)",
+                                placeholder="timdettmers/openassistant-guanaco", elem_id="data-hub")
+            fmt = gr.Dropdown(FORMAT_CHOICES, value="auto", label="Row format", elem_id="format-choice")
+            columns = gr.Textbox(label="Column mapping (csv/parquet, optional)",
+                                 placeholder="prompt=question,completion=answer", elem_id="data-columns")
+    with gr.Row():
+        template = gr.Dropdown(choices=TEMPLATES, value="guanaco", label="Prompt format",
+                               elem_id="template-choice")
+        max_seq_len = gr.Number(value=512, precision=0, label="Max sequence length (tokens)",
+                                elem_id="data-max-seq-len")
+        skip = gr.Checkbox(value=False, label="Skip bad rows (train on the good ones)",
+                           elem_id="skip-bad-rows")
+    summary = gr.Markdown(HINT, elem_id="data-summary")
+    preview = gr.HighlightedText(label="Rows as the model sees them (green: trained on; "
+                                       "unmarked: context only; red: cut at max length)",
+                                 color_map={TRAINED: "green", CUT: "red"}, combine_adjacent=True,
+                                 show_legend=True, elem_id="data-preview")
+    with gr.Row():
+        stats = gr.Markdown(elem_id="data-stats")
+        histogram = gr.BarPlot(EMPTY_HISTOGRAM, x="tokens", y="rows", color="length",
+                               title="Rows by token length (bar = up to that many tokens)",
+                               x_title="tokens per row", y_title="rows", height=280,
+                               elem_id="token-histogram")
+    with gr.Accordion("Evaluation data", open=False):
+        eval_share = gr.Slider(0, 0.2, value=0.0, step=0.01, elem_id="data-eval-share",
+                               label="Share of rows held out for eval loss (seeded; 0 = none)")
+        eval_upload = gr.File(label="…or a separate eval file", file_types=list(SUFFIXES),
+                              type="filepath", elem_id="data-eval-upload")
+        eval_message = gr.Markdown(elem_id="data-eval-summary")
+    data_path, eval_path = gr.State(""), gr.State("")
+
+    inputs = [upload, hub_id, fmt, columns, template, max_seq_len, skip, hardware["model"],
+              hardware["custom_model"]]
+    outputs = [data_path, summary, preview, stats, histogram]
+    upload.upload(check_data, inputs, outputs, api_name="check_data")
+    upload.clear(check_data, inputs, outputs, api_name=False)
+    hub_id.submit(check_data, inputs, outputs, api_name=False)
+    for control in (fmt, template, skip):
+        control.change(check_data, inputs, outputs, api_name=False)
+    for control in (columns, max_seq_len):
+        control.submit(check_data, inputs, outputs, api_name=False)
+    eval_upload.upload(check_eval, [eval_upload, fmt, columns], [eval_path, eval_message],
+                       api_name="check_eval")
+    eval_upload.clear(check_eval, [eval_upload, fmt, columns], [eval_path, eval_message],
+                      api_name=False)
+    # RunConfig field -> component, for the Train tab to pass into the run configuration.
+    config_inputs = {"eval_data_path": eval_path, "eval_share": eval_share, "data_format": fmt,
+                     "data_columns": columns, "skip_bad_rows": skip}
+    return {"data_path": data_path, "template": template, "max_seq_len": max_seq_len,
+            "config_inputs": config_inputs}

@@ -1,26 +1,25 @@
-"""Read a JSONL training file into conversations, naming every problem by line and field.
+"""Read a training file (or a Hub dataset) into rows, naming every problem by line and field.
 
-Every supported row shape becomes the same thing, a list of {"role", "content"} messages with
-roles system/user/assistant, so templates and tokenisation have one input to handle.
-Nothing is dropped silently: a row is either a conversation or a problem with its line number.
+Formats are in engine/formats.py and file types in engine/readers.py; this module puts them
+together: it decides the file's one format (the majority of the first rows, or the user's
+choice), normalises every row, and collects problems instead of raising, so the user sees all
+of them at once. Nothing is dropped silently: a row is either used or a problem with its line.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-FORMATS = {
-    "alpaca": '{"instruction", "input" (optional), "output"}',
-    "chat": '{"messages": [{"role", "content"}, ...]}',
-    "guanaco": '{"text": "### Human: ...### Assistant: ..."}',
-    "completion": '{"prompt", "completion"}',
-}
-ROLES = ("system", "user", "assistant")
-GUANACO_TURN = re.compile(r"###\s*(Human|Assistant)\s*:")
+from engine.formats import FORMATS, KEY_FIELD, Problem, detect_format, normalise
+from engine.readers import Progress, is_hub_id, iter_records
+
+__all__ = ["FORMATS", "DataError", "DataReport", "Problem", "Row", "is_hub_id", "load_conversations",
+           "read_dataset"]
+DETECT_WINDOW = 1000  # rows looked at to decide a file's format before rows are streamed on
+TEXTUAL = ("guanaco", "text")  # both are a `text` field; which one the file is decides the reading
 
 
 class DataError(ValueError):
@@ -28,41 +27,47 @@ class DataError(ValueError):
 
 
 @dataclass
-class Problem:
-    line: int  # 1-based line in the file (0 = the file as a whole)
-    field: str
-    message: str
-
-    def __str__(self) -> str:
-        where = f"line {self.line}" if self.line else "file"
-        field = f", field '{self.field}'" if self.field else ""
-        return f"{where}{field}: {self.message}"
-
-
-@dataclass
 class Row:
     line: int
     messages: list[dict]
+    text: str = ""  # set instead of messages for plain-text (pre-training) rows
+
+    @property
+    def is_text(self) -> bool:
+        return not self.messages
 
 
 @dataclass
 class DataReport:
     path: str
     format: str = ""
-    rows: list[Row] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)  # all rows, or the first `keep` of them
     errors: list[Problem] = field(default_factory=list)
+    row_count: int = 0  # usable rows, also those not kept in `rows`
 
     @property
     def ok(self) -> bool:
-        return bool(self.rows) and not self.errors
+        return bool(self.row_count) and not self.errors
+
+    @property
+    def bad_rows(self) -> int:
+        return len({p.line for p in self.errors if p.line})
+
+    @property
+    def fatal(self) -> bool:
+        """A problem that skipping bad rows cannot remedy: the file or a part of it is unreadable."""
+        return any(p.fatal or not p.line for p in self.errors)
+
+    def usable(self, skip_bad_rows: bool) -> bool:
+        return bool(self.row_count) and not self.fatal and (skip_bad_rows or not self.errors)
 
     def summary(self, max_errors: int = 10) -> str:
-        name = Path(self.path).name
+        name = Path(self.path).name or self.path
         if not self.errors:
-            return f"{name}: {len(self.rows)} rows in {self.format} format"
-        head = f"{name}: {len(self.errors)} problem(s)"
+            return f"{name}: {self.row_count} rows in {self.format} format"
+        head = f"{name}: {len(self.errors)} problem(s) in {self.bad_rows} row(s)"
         if self.format:
-            head += f" ({len(self.rows)} good rows in {self.format} format)"
+            head += f" ({self.row_count} good rows in {self.format} format)"
         lines = [head] + [f"  {p}" for p in self.errors[:max_errors]]
         if len(self.errors) > max_errors:
             lines.append(f"  ... and {len(self.errors) - max_errors} more")
@@ -70,196 +75,121 @@ class DataReport:
 
     def to_dict(self, max_errors: int = 200) -> dict:
         return {
+            "file": self.path,
             "path": self.path,
             "format": self.format,
-            "rows": len(self.rows),
+            "rows": self.row_count,
             "ok": self.ok,
+            "bad_rows": self.bad_rows,
             "errors": [
-                {"line": p.line, "field": p.field, "message": p.message}
+                {"file": self.path, "line": p.line, "field": p.field, "message": p.message}
                 for p in self.errors[:max_errors]
             ],
             "error_count": len(self.errors),
         }
 
 
-def read_dataset(path: str | Path) -> DataReport:
-    """Parse and validate a .jsonl file; problems are collected, not raised."""
-    path = Path(path)
-    report = DataReport(path=str(path))
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        report.errors.append(Problem(0, "", f"file not found: {path}"))
+def read_dataset(source: str | Path, fmt: str = "auto", columns: str = "",
+                 progress: Progress | None = None, keep: int | None = None,
+                 on_row: Callable[[Row], None] | None = None) -> DataReport:
+    """Parse and validate a data file; problems are collected, not raised.
+
+    fmt: "auto" or one of FORMATS (then every row is read in that format). keep: how many rows to
+    hold in report.rows (None = all); every usable row is still counted and passed to on_row, so
+    statistics can stream over a large file without holding it.
+    """
+    report = DataReport(path=str(source))
+    if fmt not in ("auto", *FORMATS):
+        report.errors.append(Problem(0, "format", f"unknown format '{fmt}': use auto or one of "
+                                                  f"{', '.join(FORMATS)}", fatal=True))
         return report
-    except OSError as exc:
-        report.errors.append(Problem(0, "", f"cannot read {path}: {exc.strerror}"))
-        return report
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]  # a UTF-8 byte-order mark, as some editors on Windows write
-    parsed: list[tuple[int, str, list[dict]]] = []
-    for number, line_bytes in enumerate(raw.split(b"\n"), start=1):
-        text = _decode(line_bytes, number, report)
-        if text is None or not text.strip():
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            report.errors.append(Problem(number, "", f"invalid JSON ({exc.msg} at column {exc.colno})"))
-            continue
-        if not isinstance(obj, dict):
-            report.errors.append(Problem(number, "", f"a row must be a JSON object, got {_kind(obj)}"))
-            continue
-        fmt = detect_format(obj)
-        if fmt is None:
-            keys = ", ".join(sorted(obj)) or "none"
-            report.errors.append(Problem(number, "", f"unrecognised row (keys: {keys}); expected one "
-                                         f"of: {'; '.join(FORMATS.values())}"))
-            continue
-        problems_before = len(report.errors)
-        messages = NORMALISERS[fmt](obj, number, report.errors)
-        if len(report.errors) == problems_before:
-            parsed.append((number, fmt, messages))
-    if not parsed and not report.errors:
-        report.errors.append(Problem(0, "", "the file has no rows (it is empty or only blank lines)"))
-        return report
-    if parsed:
-        report.format = Counter(fmt for _, fmt, _ in parsed).most_common(1)[0][0]
-    for number, fmt, messages in parsed:
-        if fmt != report.format:
-            report.errors.append(Problem(number, "", f"this row is in {fmt} format, but the file is in "
-                                         f"{report.format} format: use one format per file"))
+    reader = _Reader(report, None if fmt == "auto" else fmt, keep, on_row)
+    for record in iter_records(str(source), columns, progress):
+        if isinstance(record, Problem):
+            report.errors.append(record)
         else:
-            report.rows.append(Row(number, messages))
+            reader.add(*record)
+    reader.finish()
+    if not report.row_count and not report.errors:
+        report.errors.append(Problem(0, "", "the file has no rows (it is empty or only blank lines)"))
     report.errors.sort(key=lambda p: p.line)
     return report
 
 
-def load_conversations(path: str | Path) -> DataReport:
-    """Like read_dataset, but raise DataError when anything is wrong: training uses only clean files."""
-    report = read_dataset(path)
-    if not report.ok:
+class _Reader:
+    """Decides the file's format from its first rows, then normalises each row as it comes."""
+
+    def __init__(self, report: DataReport, fmt: str | None, keep: int | None, on_row):
+        self.report, self.keep, self.on_row = report, keep, on_row
+        self.auto = fmt is None
+        report.format = fmt or ""
+        self.pending: list[tuple[int, dict, str]] = []
+
+    def add(self, line: int, obj) -> None:
+        errors = self.report.errors
+        if not isinstance(obj, dict):
+            errors.append(Problem(line, "", f"a row must be a JSON object, got {_kind(obj)}"))
+            return
+        detected = detect_format(obj)
+        if self.auto and detected is None:
+            keys = ", ".join(sorted(map(str, obj))) or "none"
+            errors.append(Problem(line, "", f"unrecognised row (keys: {keys}): name its fields as "
+                                            f"in one of the formats ({', '.join(FORMATS)}), or map "
+                                            "csv/parquet columns, e.g. prompt=question,completion=answer"))
+            return
+        if not self.report.format:
+            self.pending.append((line, obj, detected))
+            if len(self.pending) >= DETECT_WINDOW:
+                self._decide()
+            return
+        self._accept(line, obj, detected)
+
+    def finish(self) -> None:
+        if self.pending:
+            self._decide()
+
+    def _decide(self) -> None:
+        self.report.format = Counter(d for _, _, d in self.pending).most_common(1)[0][0]
+        pending, self.pending = self.pending, []
+        for line, obj, detected in pending:
+            self._accept(line, obj, detected)
+
+    def _accept(self, line: int, obj: dict, detected: str | None) -> None:
+        report, fmt = self.report, self.report.format
+        mixed = self.auto and detected != fmt and not (detected in TEXTUAL and fmt in TEXTUAL)
+        before = len(report.errors)
+        # A row in another format is still checked in its own: its own mistakes are the useful news.
+        payload = normalise(detected if mixed else fmt, obj, line, report.errors)
+        if len(report.errors) != before:
+            return
+        if mixed:
+            report.errors.append(Problem(line, KEY_FIELD[detected], (
+                f"this row is in {detected} format, but the file is in {fmt} format: use one format "
+                "per file (or choose the format yourself)")))
+            return
+        row = Row(line, [], payload) if isinstance(payload, str) else Row(line, payload)
+        report.row_count += 1
+        if self.keep is None or len(report.rows) < self.keep:
+            report.rows.append(row)
+        if self.on_row is not None:
+            self.on_row(row)
+
+
+def load_conversations(source: str | Path, fmt: str = "auto", columns: str = "",
+                       skip_bad_rows: bool = False) -> DataReport:
+    """Like read_dataset, but raise DataError unless the rows can be trained on.
+
+    With skip_bad_rows, rows with problems are left out (report.bad_rows says how many); a file
+    that cannot be read, or has no usable row, still raises.
+    """
+    report = read_dataset(source, fmt, columns)
+    if not report.usable(skip_bad_rows):
+        if report.errors and not report.row_count and not report.fatal:
+            raise DataError(f"no usable rows: every row has a problem. {report.summary()}")
         raise DataError(report.summary())
     return report
 
 
-def detect_format(obj: dict) -> str | None:
-    if "messages" in obj:
-        return "chat"
-    if "instruction" in obj or ("output" in obj and "input" in obj):
-        return "alpaca"
-    if "prompt" in obj or "completion" in obj:
-        return "completion"
-    if "text" in obj:
-        return "guanaco"
-    return None
-
-
-def _alpaca(obj: dict, line: int, errors: list[Problem]) -> list[dict]:
-    instruction = _text_field(obj, "instruction", line, errors)
-    extra = _text_field(obj, "input", line, errors, required=False)
-    output = _text_field(obj, "output", line, errors)
-    system = _text_field(obj, "system", line, errors, required=False)
-    user = instruction + ("\n\n" + extra if extra else "")
-    messages = [{"role": "system", "content": system}] if system else []
-    return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-
-
-def _completion(obj: dict, line: int, errors: list[Problem]) -> list[dict]:
-    prompt = _text_field(obj, "prompt", line, errors)
-    completion = _text_field(obj, "completion", line, errors)
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-
-
-def _chat(obj: dict, line: int, errors: list[Problem]) -> list[dict]:
-    raw = obj["messages"]
-    if not isinstance(raw, list) or not raw:
-        errors.append(Problem(line, "messages", f"must be a non-empty list of messages, got {_kind(raw)}"))
-        return []
-    messages = []
-    problems_before = len(errors)
-    for i, message in enumerate(raw):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            errors.append(Problem(line, where, f"must be an object with role and content, got {_kind(message)}"))
-            continue
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            errors.append(Problem(line, f"{where}.role", f"unknown role {role!r}: use system, user or assistant"))
-            continue
-        if not isinstance(content, str):
-            errors.append(Problem(line, f"{where}.content", f"must be text, got {_kind(content)}"))
-            continue
-        if not content.strip():
-            errors.append(Problem(line, f"{where}.content", "is empty"))
-            continue
-        if role == "system" and i != 0:
-            errors.append(Problem(line, f"{where}.role", "a system message may only come first"))
-            continue
-        messages.append({"role": role, "content": content})
-    if len(errors) == problems_before:  # turn order of a partly skipped list would mislead
-        _check_turns(messages, line, "messages", errors)
-    return messages
-
-
-def _guanaco(obj: dict, line: int, errors: list[Problem]) -> list[dict]:
-    text = _text_field(obj, "text", line, errors)
-    if not text:
-        return []
-    parts = GUANACO_TURN.split(text)
-    if parts[0].strip() or len(parts) < 3:
-        errors.append(Problem(line, "text", "must consist of '### Human: ...' and '### Assistant: ...' "
-                              "turns (text before the first '### Human:' is not allowed)"))
-        return []
-    messages = []
-    for speaker, content in zip(parts[1::2], parts[2::2]):
-        role = "user" if speaker == "Human" else "assistant"
-        if not content.strip():
-            errors.append(Problem(line, "text", f"a '### {speaker}:' turn is empty"))
-            return []
-        messages.append({"role": role, "content": content.strip()})
-    _check_turns(messages, line, "text", errors)
-    return messages
-
-
-def _check_turns(messages: list[dict], line: int, where: str, errors: list[Problem]) -> None:
-    turns = [m["role"] for m in messages if m["role"] != "system"]
-    if not turns:
-        errors.append(Problem(line, where, "has no user or assistant turn"))
-    elif turns[-1] != "assistant":
-        errors.append(Problem(line, where, "the conversation must end with an assistant turn "
-                              "(that is what the model learns to write)"))
-    elif turns[0] != "user":
-        errors.append(Problem(line, where, "the conversation must start with a user turn"))
-    elif any(a == b for a, b in zip(turns, turns[1:])):
-        errors.append(Problem(line, where, "user and assistant turns must alternate"))
-
-
-NORMALISERS = {"alpaca": _alpaca, "chat": _chat, "guanaco": _guanaco, "completion": _completion}
-
-
-def _text_field(obj: dict, name: str, line: int, errors: list[Problem], required: bool = True) -> str:
-    value = obj.get(name)
-    if value is None:
-        if required:
-            errors.append(Problem(line, name, "is missing"))
-        return ""
-    if not isinstance(value, str):
-        errors.append(Problem(line, name, f"must be text, got {_kind(value)}"))
-        return ""
-    if required and not value.strip():
-        errors.append(Problem(line, name, "is empty"))
-    return value
-
-
-def _decode(line_bytes: bytes, number: int, report: DataReport) -> str | None:
-    try:
-        return line_bytes.decode("utf-8").rstrip("\r")  # CRLF files from Windows editors
-    except UnicodeDecodeError as exc:
-        report.errors.append(Problem(number, "", f"not valid UTF-8 (byte {exc.start + 1} of the line); "
-                                     "save the file as UTF-8"))
-        return None
-
-
 def _kind(value) -> str:
-    names = {dict: "an object", list: "a list", str: "text", bool: "true/false", type(None): "null"}
+    names = {list: "a list", str: "text", bool: "true/false", type(None): "null"}
     return names.get(type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)

@@ -96,8 +96,8 @@ def assistant_spans(template: Template, messages: list[dict]) -> tuple[str, list
     return text, spans
 
 
-def encode(tokenizer, template: Template, messages: list[dict], max_seq_len: int) -> dict:
-    """Token ids with labels only on assistant tokens (the prompt's are IGNORE_INDEX)."""
+def tokens_with_labels(tokenizer, template: Template, messages: list[dict]) -> dict:
+    """The whole rendered row: text, token ids, each token's character offsets and its label."""
     text, spans = assistant_spans(template, messages)
     encoded = tokenizer(
         text, add_special_tokens=template.add_special_tokens, return_offsets_mapping=True
@@ -107,9 +107,39 @@ def encode(tokenizer, template: Template, messages: list[dict], max_seq_len: int
     for token_id, (start, end) in zip(input_ids, encoded["offset_mapping"]):
         trained = end > start and any(s <= start < e for s, e in spans)
         labels.append(token_id if trained else IGNORE_INDEX)
+    return {"text": text, "input_ids": input_ids, "offsets": encoded["offset_mapping"], "labels": labels}
+
+
+def encode(tokenizer, template: Template, messages: list[dict], max_seq_len: int) -> dict:
+    """Token ids with labels only on assistant tokens (the prompt's are IGNORE_INDEX)."""
+    full = tokens_with_labels(tokenizer, template, messages)
+    input_ids = full["input_ids"]
     return {
         "input_ids": input_ids[:max_seq_len],
         "attention_mask": [1] * min(len(input_ids), max_seq_len),
-        "labels": labels[:max_seq_len],
+        "labels": full["labels"][:max_seq_len],
         "length": len(input_ids),  # before truncation, so callers can count what was cut
     }
+
+
+def text_tokens(tokenizer, text: str) -> list[int]:
+    """A plain-text (pre-training) row: its tokens and EOS, so documents stay apart once packed."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+
+
+def pack(token_lists, block_size: int) -> list[dict]:
+    """Concatenate plain-text rows and cut them into blocks of block_size; every token is trained.
+
+    Packing wastes no compute on padding and cuts nothing away: a long document simply continues
+    in the next block (the standard recipe for continued pre-training).
+    """
+    blocks, current = [], []
+    for ids in token_lists:
+        current.extend(ids)
+        while len(current) >= block_size:
+            blocks.append(current[:block_size])
+            current = current[block_size:]
+    if current:
+        blocks.append(current)
+    return [{"input_ids": b, "attention_mask": [1] * len(b), "labels": list(b)} for b in blocks]

@@ -111,8 +111,10 @@ BAD_ROWS = [
                  "must alternate", id="not-alternating"),
     pytest.param({"messages": [system("Be kind.")]}, "messages", "no user or assistant turn",
                  id="only-system"),
-    pytest.param({"text": "Hello, how are you? I am fine."}, "text", "'### Human: ...'",
-                 id="guanaco-no-markers"),
+    # plain text is a format of its own now (continued pre-training), so in a chat file it is a
+    # row in another format; the guanaco check of such a row is in test_guanaco_file_*
+    pytest.param({"text": "Hello, how are you? I am fine."}, "text", "in text format, but the file is in chat",
+                 id="plain-text-in-chat-file"),
     pytest.param({"text": "Intro. ### Human: Hi ### Assistant: Hello"}, "text",
                  "text before the first", id="guanaco-text-before-marker"),
     pytest.param({"text": "### Human:   ### Assistant: Hello"}, "text", "'### Human:' turn is empty",

@@ -159,3 +159,47 @@ def test_stop_strings_match_the_next_user_turn(tokenizer):
     assert get_template("guanaco", tokenizer).stop_strings == ["### Human:"]
     assert get_template("alpaca", tokenizer).stop_strings == ["### Instruction:"]
     assert get_template("model", tokenizer).stop_strings == []
+
+
+# Trained token positions of the embedded SmolLM2 tokenizer, written out: a change in how labels
+# are placed (one token early or late, a missed EOS, a second turn not trained) changes these.
+EXACT_TRAINED_POSITIONS = {
+    ("guanaco", "single"): (19, [*range(14, 19)]),
+    ("guanaco", "multi"): (44, [*range(14, 19), *range(30, 44)]),
+    ("alpaca", "single"): (45, [*range(38, 45)]),
+    ("alpaca", "multi"): (76, [*range(38, 46), *range(61, 76)]),
+    ("model", "single"): (45, [*range(38, 45)]),
+    ("model", "multi"): (74, [*range(38, 45), *range(59, 74)]),
+}
+
+
+@pytest.mark.parametrize(("name", "conversation"), EXACT_TRAINED_POSITIONS)
+def test_trained_token_positions_are_exact(tokenizer, name, conversation):
+    template = get_template(name, tokenizer)
+    messages = CONVERSATIONS[conversation]
+    encoded = encode(tokenizer, template, messages, max_seq_len=4096)
+    length, positions = EXACT_TRAINED_POSITIONS[(name, conversation)]
+    assert len(encoded["input_ids"]) == length
+    assert [i for i, label in enumerate(encoded["labels"]) if label != IGNORE_INDEX] == positions
+    # each answer starts right after its prompt tokenised on its own (the prompt chat will send),
+    # and the last answer runs to the end of the row
+    count = lambda text: len(tokenizer(text, add_special_tokens=template.add_special_tokens)  # noqa: E731
+                             ["input_ids"])
+    starts = [count(template.render(messages[:i], add_generation_prompt=True))
+              for i, m in enumerate(messages) if m["role"] == "assistant"]
+    assert starts == [p for p in positions if p - 1 not in positions]
+    assert positions[-1] == length - 1
+    assert tokenizer.eos_token_id in [encoded["input_ids"][p] for p in positions]  # the model learns to stop
+
+
+def test_text_rows_end_with_eos_and_pack_into_full_blocks(tokenizer):
+    from engine.templates import pack, text_tokens
+
+    ids = text_tokens(tokenizer, "Once upon a time")
+    assert ids[-1] == tokenizer.eos_token_id
+    assert ids[:-1] == tokenizer("Once upon a time")["input_ids"]
+    rows = [list(range(1, 8)), list(range(10, 15)), [20, 21]]
+    blocks = pack(rows, block_size=5)
+    assert [b["input_ids"] for b in blocks] == [[1, 2, 3, 4, 5], [6, 7, 10, 11, 12], [13, 14, 20, 21]]
+    assert all(b["labels"] == b["input_ids"] and b["attention_mask"] == [1] * len(b["input_ids"])
+               for b in blocks)  # no masking in continued pre-training
