@@ -18,6 +18,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--auth", help="require a login, as user:password")
     parser.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
     parser.add_argument("--data-dir", help="where runs, uploads and the model cache live (default ./data)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow --host/--share without --auth (anyone who reaches it can use it)")
     args = parser.parse_args(argv)
     if args.auth and ":" not in args.auth:
         parser.error("--auth takes user:password")
@@ -37,17 +39,30 @@ def exposure_warning(args: argparse.Namespace) -> str:
     return ""
 
 
+def exposure_refusal(args: argparse.Namespace) -> str:
+    """Why the app will not start (exposed without a login and without --insecure), else ''."""
+    if not exposure_warning(args) or args.insecure:
+        return ""
+    return exposure_warning(args).replace("WARNING: ", "Refusing to start: ", 1) + \
+        " (or, if you really mean it, add --insecure)"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no calls home from a local tool
     if args.data_dir:
         os.environ["QLS_DATA_DIR"] = str(Path(args.data_dir).expanduser().resolve())
+    refusal = exposure_refusal(args)
+    if refusal:
+        print(refusal, file=sys.stderr)
+        return 2
     warning = exposure_warning(args)
     if warning:
         print(warning, file=sys.stderr)
 
     from app.main import build_ui
     from engine.paths import data_dir
+    from engine.readers import max_upload_bytes
 
     data_dir().mkdir(parents=True, exist_ok=True)
     demo = build_ui()
@@ -60,7 +75,8 @@ def main(argv=None) -> int:
         share=args.share,
         auth=auth,
         inbrowser=not args.no_browser,
-        allowed_paths=[str(data_dir())],
+        allowed_paths=[str(data_dir())],  # with Gradio's own upload cache, the only files it serves
+        max_file_size=max_upload_bytes(),  # refused at the HTTP layer, before it reaches the disk
         show_error=True,
         quiet=True,
     )

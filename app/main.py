@@ -1,10 +1,10 @@
-"""The whole UI: four tabs in the order a user works through them."""
+"""The whole UI: four tabs in the order a user works through them, then the runs page."""
 
 from __future__ import annotations
 
 import gradio as gr
 
-from app import chat_tab, data_tab, hardware_tab, train_tab
+from app import chat_tab, data_tab, hardware_tab, runs_tab, train_tab
 
 
 def build_ui() -> gr.Blocks:
@@ -19,7 +19,10 @@ def build_ui() -> gr.Blocks:
             train = train_tab.build(hardware, data)
         with gr.Tab("Chat", id="chat"):
             chat = chat_tab.build(hardware)
+        with gr.Tab("Runs", id="runs"):
+            runs = runs_tab.build()
         # A reload (or a restarted UI) finds the running or latest run again from the run dirs.
         demo.load(train["on_load"], outputs=train["run"], api_name=False)
         demo.load(chat["refresh"], outputs=chat["target"], api_name=False)
+        demo.load(runs["refresh"], outputs=runs["views"], api_name=False)
     return demo

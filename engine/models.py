@@ -106,6 +106,7 @@ def compute_dtype(requested: str, device: str):
 def load_tokenizer(source: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    _warn_remote_code(source, trust_remote_code)
     with _explained(source):
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
@@ -131,7 +132,15 @@ def load_quantized_model(source: str, quant_type: str, double_quant: bool, dtype
             dtype=dtype,
             device_map={"": device},
             trust_remote_code=trust_remote_code,
+            use_safetensors=True,  # pickle (.bin) weights can run code when loaded: never those
         )
+
+
+def _warn_remote_code(source: str, trust_remote_code: bool) -> None:
+    if trust_remote_code:
+        log.warning("trust_remote_code is on for %s: Python code from that model repository runs on "
+                    "this machine with your permissions. Keep it on only for repositories you trust.",
+                    source)
 
 
 class _explained:
@@ -154,13 +163,29 @@ class _explained:
 
         name = self.source
         if isinstance(exc, GatedRepoError):
+            from huggingface_hub import get_token
+
             msg = (f"{name} is gated: accept its licence on its Hugging Face page, then log in "
                    "with `hf auth login` (or set HF_TOKEN)")
-        elif isinstance(exc, RepositoryNotFoundError):
+            if get_token() is None:
+                msg += "; no Hugging Face token is set on this machine yet"
+        elif isinstance(exc, RepositoryNotFoundError) or "not a valid model identifier" in str(exc):
             msg = f"{name} does not exist on the Hugging Face Hub (check the spelling), or it is private"
-        elif isinstance(exc, LocalEntryNotFoundError) or "connect" in str(exc).lower():
+        elif getattr(getattr(exc, "response", None), "status_code", None) == 401:
+            msg = (f"{name} needs a Hugging Face token: log in with `hf auth login` (or set HF_TOKEN), "
+                   "and check the token has not expired")
+        elif isinstance(exc, LocalEntryNotFoundError) or "connect" in str(exc).lower() \
+                or "offline" in str(exc).lower():
             msg = (f"could not download {name}: no connection to the Hugging Face Hub. Connect, "
-                   "or download it elsewhere and choose its local folder")
+                   "or download it elsewhere and choose its local folder"
+                   + (" (no folder of that name exists here either)" if not Path(name).exists() else ""))
+        elif "safetensors" in type(exc).__name__.lower() or "deserializ" in str(exc):
+            msg = (f"the weights in {name} are damaged or incomplete ({exc}): download the model again")
+        elif "no file named model.safetensors" in str(exc):
+            msg = (f"{name} has no .safetensors weights. Only safetensors are loaded, because pickle "
+                   "(.bin) files can run code: pick a version of the model that has them")
+        elif isinstance(exc, ValueError) and Path(name).is_dir():
+            msg = f"{name} looks incomplete or damaged ({str(exc).splitlines()[0]}): copy or download it again"
         elif isinstance(exc, OSError):
             msg = f"could not load {name}: {exc}"
         else:

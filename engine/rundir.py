@@ -15,6 +15,8 @@ from pathlib import Path
 
 import psutil
 
+from engine import checkpoints
+
 STATES = ("queued", "running", "stopping", "finished", "failed", "stopped")
 LIVE_STATES = ("queued", "running", "stopping")
 
@@ -103,11 +105,21 @@ class RunDir:
         return self.config_path.is_file()
 
     def latest_checkpoint(self) -> Path | None:
-        checkpoints = sorted(
-            self.checkpoints_dir.glob("checkpoint-*"),
-            key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1,
-        )
-        return checkpoints[-1] if checkpoints else None
+        """The newest complete checkpoint; a half-written one (killed, disk full) is never chosen."""
+        return checkpoints.latest(self.checkpoints_dir)
+
+    def drop_metrics_after(self, step: int) -> int:
+        """Forget records past `step` (work a resume repeats), so the chart never goes back in
+        steps or shows a step twice. Replaced atomically, like status.json; returns how many went."""
+        records = self.read_metrics()
+        kept = [r for r in records if (r.get("step") or 0) <= step]
+        if len(kept) == len(records):
+            return 0
+        tmp = self.metrics_path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in kept),
+                       encoding="utf-8")
+        os.replace(tmp, self.metrics_path)
+        return len(records) - len(kept)
 
 
 def process_created(pid: int) -> float:

@@ -6,16 +6,23 @@ share nothing but the run directory, so a closed tab or a restarted UI loses not
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from filelock import FileLock  # cross-platform file lock (a dependency of huggingface_hub)
+
 from engine.config import RunConfig
 from engine.paths import PROJECT_DIR, data_dir, runs_dir
-from engine.rundir import LIVE_STATES, RunDir
+from engine.rundir import LIVE_STATES, RunDir, process_created
+
+ACTIVE_STATES = ("running", "stopping")  # states in which a run's process holds the GPU
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class RunnerError(RuntimeError):
@@ -42,14 +49,36 @@ def create_run(cfg: RunConfig, name: str = "", parent: Path | None = None) -> Ru
 
 
 def start_run(cfg: RunConfig, name: str = "") -> RunDir:
-    """Create a run and start its training process, one at a time."""
-    active = active_run()
-    if active is not None:
-        raise RunnerError(f"run {active.name} is still training: stop it or wait for it to finish "
-                          "(one run at a time, so runs do not fight over the GPU)")
+    """Create a run and start it now, or queue it behind the run that holds the GPU."""
     run = create_run(cfg, name)
-    spawn(run)
+    _start_or_queue(run, resume=False)
     return run
+
+
+def resume_run(run: RunDir) -> str:
+    """Continue a stopped or failed run from its last checkpoint (now, or after the active run)."""
+    state = run.read_status().get("state")
+    if state in LIVE_STATES:
+        raise RunnerError(f"run {run.name} is {state}: only a stopped or failed run can be resumed")
+    if state == "finished":
+        raise RunnerError(f"run {run.name} has finished: start a new run to train further")
+    checkpoint = run.latest_checkpoint()
+    where = f"from {checkpoint.name}" if checkpoint else "from the start (it has no checkpoint yet)"
+    started = _start_or_queue(run, resume=True)
+    return f"resuming run {run.name} {where}" if started else \
+        f"run {run.name} will resume {where} when the active run ends (queued)"
+
+
+def _start_or_queue(run: RunDir, resume: bool) -> bool:
+    with _queue_lock():
+        if active_run() is None and not _read_queue():
+            spawn(run, resume=resume)
+            return True
+        run.write_status(state="queued", pid=None, pid_created=None, queued=time.time(),
+                         message="queued: starts when the run ahead of it ends", error="")
+        _write_queue(_read_queue() + [{"name": run.name, "resume": resume}])
+    start_next()  # the queue may have been waiting on a run that died without starting it
+    return False
 
 
 def spawn(run: RunDir, resume: bool = False) -> subprocess.Popen:
@@ -66,8 +95,88 @@ def spawn(run: RunDir, resume: bool = False) -> subprocess.Popen:
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # survives the UI process: Ctrl-C on the UI does not kill it
         )
-    run.write_status(pid=process.pid)
+    # "running" from the moment the process exists, so a second start sees the GPU as taken.
+    try:
+        created = process_created(process.pid)
+    except Exception:  # noqa: BLE001 - it already ended; its own status says how
+        return process
+    run.write_status(state="running", pid=process.pid, pid_created=created,
+                     message="starting the training process", error="")
     return process
+
+
+# --- the queue: one training job per GPU ------------------------------------------------------
+# A file (runs/queue.json, a list of {"name", "resume"}) rather than memory, so every browser tab,
+# a restarted UI and the training process itself see and change the same queue. The training
+# process starts the next entry when it ends, so the queue moves on with no UI open.
+
+def queued_runs() -> list[RunDir]:
+    return [RunDir(runs_dir() / entry["name"]) for entry in _read_queue()]
+
+
+def start_next() -> RunDir | None:
+    """Start the first queued run if the GPU is free; returns it, or None."""
+    with _queue_lock():
+        if active_run() is not None:
+            return None
+        queue = _read_queue()
+        while queue:
+            entry = queue.pop(0)
+            run = RunDir(runs_dir() / entry["name"])
+            if run.is_run() and run.read_status().get("state") == "queued":
+                _write_queue(queue)
+                spawn(run, resume=bool(entry.get("resume")))
+                return run
+        _write_queue(queue)
+    return None
+
+
+def cancel_queued(run: RunDir) -> str:
+    with _queue_lock():
+        queue = _read_queue()
+        if run.name not in [entry["name"] for entry in queue]:
+            return f"run {run.name} is not in the queue"
+        _write_queue([entry for entry in queue if entry["name"] != run.name])
+        run.write_status(state="stopped", message="cancelled while queued; nothing was trained")
+    return f"run {run.name} taken out of the queue"
+
+
+def move_queued(run: RunDir, offset: int) -> str:
+    """Move a queued run `offset` places (negative = sooner)."""
+    with _queue_lock():
+        queue = _read_queue()
+        names = [entry["name"] for entry in queue]
+        if run.name not in names:
+            return f"run {run.name} is not in the queue"
+        old = names.index(run.name)
+        new = min(max(old + offset, 0), len(queue) - 1)
+        queue.insert(new, queue.pop(old))
+        _write_queue(queue)
+    return f"run {run.name} is now number {new + 1} in the queue"
+
+
+def _queue_path() -> Path:
+    return runs_dir() / "queue.json"
+
+
+def _queue_lock() -> FileLock:
+    runs_dir().mkdir(parents=True, exist_ok=True)
+    return FileLock(str(runs_dir() / ".queue.lock"), timeout=30)
+
+
+def _read_queue() -> list[dict]:
+    try:
+        entries = json.loads(_queue_path().read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+    return [e for e in entries if isinstance(e, dict) and isinstance(e.get("name"), str)
+            and _NAME.fullmatch(e["name"])] if isinstance(entries, list) else []
+
+
+def _write_queue(entries: list[dict]) -> None:
+    tmp = _queue_path().with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(entries, indent=1))
+    os.replace(tmp, _queue_path())
 
 
 def list_runs() -> list[RunDir]:
@@ -80,7 +189,7 @@ def list_runs() -> list[RunDir]:
 
 def get_run(name: str) -> RunDir:
     # Names come from the UI: never join a path a person typed without checking it.
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name or ""):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise RunnerError(f"'{name}' is not a run name")
     run = RunDir(runs_dir() / name)
     if not run.is_run():
@@ -89,11 +198,26 @@ def get_run(name: str) -> RunDir:
 
 
 def active_run() -> RunDir | None:
-    return next((r for r in list_runs() if r.read_status().get("state") in LIVE_STATES), None)
+    """The run holding the GPU (a queued run waits without holding it)."""
+    return next((r for r in list_runs() if r.read_status().get("state") in ACTIVE_STATES), None)
+
+
+def delete_run(run: RunDir) -> str:
+    """Remove a run's folder for good (the UI asks for confirmation first)."""
+    if run.read_status().get("state") in ACTIVE_STATES:
+        raise RunnerError(f"run {run.name} is training: stop it before deleting it")
+    cancel_queued(run)
+    # get_run() checked the name; this second check guards callers that built a RunDir themselves.
+    if run.path.resolve().parent != runs_dir().resolve():
+        raise RunnerError(f"{run.path} is not inside {runs_dir()}: refusing to delete it")
+    shutil.rmtree(run.path)
+    return f"run {run.name} deleted"
 
 
 def stop_run(run: RunDir) -> str:
     state = run.read_status().get("state")
+    if state == "queued":
+        return cancel_queued(run)
     if state not in LIVE_STATES:
         return f"run {run.name} is not running ({state})"
     run.request_stop()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from app.__main__ import exposure_warning, parse_args
+from app.__main__ import exposure_refusal, exposure_warning, main, parse_args
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "transformers", "bitsandbytes", "peft")
@@ -56,10 +56,31 @@ def test_exposure_without_auth_warns(argv, warns):
     assert bool(exposure_warning(parse_args(argv))) is warns
 
 
+@pytest.mark.parametrize(
+    ("argv", "refused"),
+    [
+        ([], False),
+        (["--host", "0.0.0.0"], True),
+        (["--share"], True),
+        (["--host", "0.0.0.0", "--insecure"], False),
+        (["--share", "--insecure"], False),
+        (["--host", "0.0.0.0", "--auth", "me:secret"], False),
+    ],
+)
+def test_exposure_without_auth_is_refused_unless_insecure(argv, refused):
+    assert bool(exposure_refusal(parse_args(argv))) is refused
+
+
+def test_exposed_app_refuses_to_start_before_building_anything(capsys):
+    assert main(["--host", "0.0.0.0", "--no-browser"]) == 2
+    err = capsys.readouterr().err
+    assert "Refusing to start" in err and "--auth" in err and "--insecure" in err
+
+
 def test_app_flag_defaults():
     args = parse_args([])
-    assert (args.host, args.port, args.share, args.auth, args.no_browser) == (
-        "127.0.0.1", 7860, False, None, False)
+    assert (args.host, args.port, args.share, args.auth, args.no_browser, args.insecure) == (
+        "127.0.0.1", 7860, False, None, False, False)
 
 
 def test_auth_needs_user_and_password():

@@ -1,5 +1,5 @@
 """The training process, as the job runner starts it: stop saves the adapter, a killed process
-reads as failed, and a second start is refused while one run trains."""
+reads as failed, and a second start waits in the queue until the first one ends."""
 
 import os
 import signal
@@ -8,7 +8,8 @@ import time
 import pytest
 
 from engine.config import load_recipe
-from engine.runner import RunnerError, active_run, start_run, stop_run
+from app.train_tab import default_run
+from engine.runner import active_run, queued_runs, start_run, stop_run
 
 
 def wait_for(run, predicate, timeout=180):
@@ -22,12 +23,15 @@ def wait_for(run, predicate, timeout=180):
 
 
 @pytest.mark.slow
-def test_stop_saves_adapter_and_checkpoint(data_dir, facts_file, embedded_model):
+def test_stop_saves_adapter_and_the_queued_run_starts_by_itself(data_dir, facts_file, embedded_model):
     cfg = load_recipe("quick-test", data_path=str(facts_file), epochs=50, save_steps=1000)
     run = start_run(cfg, name="stop me")
     wait_for(run, lambda s: (s.get("step") or 0) >= 2)
-    with pytest.raises(RunnerError, match="one run at a time"):
-        start_run(cfg, name="second")
+    # A restarted UI (or a second browser tab) finds the live run again from the files alone.
+    assert active_run().path == run.path and default_run() == run.name
+    second = start_run(cfg, name="second")  # one GPU: queued, not started
+    assert second.read_status()["state"] == "queued"
+    assert [r.name for r in queued_runs()] == [second.name]
     assert "stop requested" in stop_run(run)
     status = wait_for(run, lambda s: s["state"] in ("stopped", "failed", "finished"))
     assert status["state"] == "stopped", status
@@ -36,6 +40,12 @@ def test_stop_saves_adapter_and_checkpoint(data_dir, facts_file, embedded_model)
     assert (run.adapter_dir / "prompt_template.json").is_file()
     assert run.latest_checkpoint() is not None  # resumable, although save_steps was never reached
     assert [m["step"] for m in run.read_metrics() if m.get("loss") is not None][-1] == status["step"]
+    # The stopped run's own process handed the GPU on: no UI took part.
+    assert "started the next queued run" in run.log_tail(10)
+    assert queued_runs() == []
+    started = wait_for(second, lambda s: s["state"] != "queued", timeout=30)
+    assert started["state"] == "running" and started["pid"] != status["pid"]
+    os.kill(started["pid"], signal.SIGKILL)  # its own training is not this test's subject
 
 
 @pytest.mark.slow

@@ -12,9 +12,24 @@ import pytest
 
 import engine.rundir as rundir_module
 import engine.runner as runner_module
+from engine import checkpoints
 from engine.config import RunConfig
 from engine.rundir import RunDir, process_created
-from engine.runner import RunnerError, active_run, create_run, get_run, list_runs, stop_run
+from engine.runner import (
+    RunnerError,
+    active_run,
+    cancel_queued,
+    create_run,
+    delete_run,
+    get_run,
+    list_runs,
+    move_queued,
+    queued_runs,
+    resume_run,
+    start_next,
+    start_run,
+    stop_run,
+)
 
 
 @pytest.fixture
@@ -132,12 +147,39 @@ def test_ended_states_are_not_checked_for_a_process(run_dir):
     assert run_dir.read_status()["state"] == "finished"
 
 
-def test_latest_checkpoint_orders_numerically(run_dir):
+def test_latest_checkpoint_orders_numerically_and_skips_incomplete_ones(run_dir):
     assert run_dir.latest_checkpoint() is None
     for step in (2, 9, 10, 1):
         (run_dir.checkpoints_dir / f"checkpoint-{step}").mkdir(parents=True)
+        checkpoints.mark_complete(run_dir.checkpoints_dir / f"checkpoint-{step}")
     (run_dir.checkpoints_dir / "checkpoint-final").mkdir()
+    (run_dir.checkpoints_dir / "checkpoint-11").mkdir()  # being written, or torn by a kill
     assert run_dir.latest_checkpoint().name == "checkpoint-10"
+    assert checkpoints.remove_incomplete(run_dir.checkpoints_dir) == ["checkpoint-11"]
+    assert [p.name for p in checkpoints.all_checkpoints(run_dir.checkpoints_dir)] == \
+        ["checkpoint-1", "checkpoint-2", "checkpoint-9", "checkpoint-10"]
+
+
+def test_checkpoint_problems_are_found_before_it_is_marked(run_dir):
+    folder = run_dir.checkpoints_dir / "checkpoint-3"
+    folder.mkdir(parents=True)
+    for name in checkpoints.REQUIRED:
+        (folder / name).write_text("{}")
+    assert checkpoints.problem(folder) == ""
+    (folder / "optimizer.pt").write_bytes(b"")  # the disk filled up mid-write
+    assert "optimizer.pt" in checkpoints.problem(folder)
+    (folder / "optimizer.pt").write_text("x")
+    (folder / "trainer_state.json").write_text('{"glob')
+    assert "trainer_state.json" in checkpoints.problem(folder)
+
+
+def test_drop_metrics_after_a_step(run_dir):
+    for step in (1, 2, 3, 4):
+        run_dir.append_metric({"step": step, "loss": 1.0 / step})
+    assert run_dir.drop_metrics_after(2) == 2
+    assert [m["step"] for m in run_dir.read_metrics()] == [1, 2]
+    assert run_dir.drop_metrics_after(2) == 0
+    assert run_dir.drop_metrics_after(0) == 2 and run_dir.read_metrics() == []
 
 
 # --- the runner -------------------------------------------------------------------------------
@@ -224,3 +266,87 @@ def test_stop_run_writes_the_request_only_for_live_runs(data_dir, tmp_path):
     dead.write_status(state="running", pid=dead_pid())
     assert "not running (failed)" in stop_run(dead)
     assert not dead.stop_requested()
+
+
+# --- the queue: one training job per GPU -------------------------------------------------------
+
+@pytest.fixture
+def spawned(monkeypatch):
+    """Record the processes the runner would start instead of training: these tests are about the
+    queue's bookkeeping (test_process starts real ones)."""
+    started = []
+
+    def fake_spawn(run, resume=False):
+        started.append((run.name, resume))
+        run.write_status(state="running", **this_process())
+
+    monkeypatch.setattr(runner_module, "spawn", fake_spawn)
+    return started
+
+
+def test_a_start_while_a_run_trains_is_queued_then_started_when_it_ends(data_dir, tmp_path, spawned):
+    first = start_run(config(tmp_path), name="first")
+    second = start_run(config(tmp_path), name="second")
+    third = start_run(config(tmp_path), name="third")
+    assert spawned == [(first.name, False)]
+    assert [r.name for r in queued_runs()] == [second.name, third.name]
+    assert second.read_status()["state"] == "queued" and active_run().path == first.path
+    assert start_next() is None  # the GPU is still taken
+    first.write_status(state="finished")
+    assert start_next().path == second.path
+    assert spawned[-1] == (second.name, False) and [r.name for r in queued_runs()] == [third.name]
+
+
+def test_queue_reorder_and_cancel(data_dir, tmp_path, spawned):
+    start_run(config(tmp_path), name="busy")
+    a, b, c = (start_run(config(tmp_path), name=n) for n in ("a", "b", "c"))
+    assert "number 1" in move_queued(c, -5)
+    assert [r.name for r in queued_runs()] == [c.name, a.name, b.name]
+    move_queued(c, 1)
+    assert [r.name for r in queued_runs()] == [a.name, c.name, b.name]
+    assert "taken out" in stop_run(a)  # Stop on a queued run cancels it
+    assert a.read_status()["state"] == "stopped"
+    assert "not in the queue" in cancel_queued(a)
+    assert [r.name for r in queued_runs()] == [c.name, b.name]
+
+
+def test_a_dead_active_run_does_not_block_the_queue(data_dir, tmp_path, spawned):
+    crashed = start_run(config(tmp_path), name="crashed")
+    waiting = start_run(config(tmp_path), name="waiting")
+    crashed.write_status(pid=dead_pid())  # killed -9: it never got to start the next run
+    assert start_next().path == waiting.path
+
+
+def test_queue_file_survives_garbage(data_dir, tmp_path, spawned):
+    (data_dir / "runs").mkdir(parents=True)
+    (data_dir / "runs" / "queue.json").write_text('[{"name": "../../etc"}, 3, "x", {"nope": 1}')
+    assert queued_runs() == []
+    (data_dir / "runs" / "queue.json").write_text('[{"name": "../../etc"}, 3, "x", {"nope": 1}]')
+    assert queued_runs() == []  # an entry that is not a run name is never joined into a path
+
+
+def test_resume_run_refuses_live_and_finished_runs(data_dir, tmp_path, spawned):
+    live = start_run(config(tmp_path), name="live")
+    with pytest.raises(RunnerError, match="only a stopped or failed run"):
+        resume_run(live)
+    live.write_status(state="finished")
+    with pytest.raises(RunnerError, match="has finished"):
+        resume_run(live)
+    live.write_status(state="stopped")
+    assert "from the start" in resume_run(live)
+    assert spawned[-1] == (live.name, True)
+
+
+def test_delete_run_removes_only_a_run_that_is_not_training(data_dir, tmp_path, spawned):
+    live = start_run(config(tmp_path), name="live")
+    with pytest.raises(RunnerError, match="stop it before deleting"):
+        delete_run(live)
+    queued = start_run(config(tmp_path), name="queued")
+    assert "deleted" in delete_run(queued)
+    assert not queued.path.exists() and queued_runs() == []
+    outside = RunDir(tmp_path / "elsewhere")
+    outside.path.mkdir()
+    (outside.path / "config.yaml").write_text("model: embedded\n")
+    with pytest.raises(RunnerError, match="refusing to delete"):
+        delete_run(outside)
+    assert outside.path.exists()
