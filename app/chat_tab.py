@@ -94,7 +94,7 @@ def build(hardware: dict) -> dict:
     with gr.Row():
         target = gr.Dropdown(choices=target_choices(), value=default_target(), label="Chat with", allow_custom_value=True,
                              elem_id="chat-target", scale=4)
-        refresh = gr.Button("Refresh list", size="sm", scale=1)
+        refresh = gr.Button("Refresh list", size="sm", scale=1, elem_id="chat-refresh")
     chatbot = gr.Chatbot(label="Chat", height=380, elem_id="chatbot")
     message = gr.Textbox(label="Message", placeholder="Ask something and press Enter",
                          elem_id="chat-input")

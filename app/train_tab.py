@@ -8,9 +8,13 @@ import gradio as gr
 import pandas as pd
 
 from app.hardware_tab import selected_model
+from engine import planner
+from engine.catalog import CatalogError
 from engine.config import ConfigError, load_recipe, recipe_description, recipe_names
+from engine.hardware import detect_gpus
 from engine.rundir import LIVE_STATES
-from engine.runner import RunnerError, active_run, get_run, list_runs, start_run, stop_run
+from engine.runner import (RunnerError, active_run, get_run, list_runs, queued_runs, resume_run,
+                           start_run, stop_run)
 
 # Form fields, in order: (RunConfig field, label, kind, advanced?)
 FIELDS = [
@@ -31,7 +35,10 @@ FIELDS = [
     ("seed", "Seed", "int", True),
 ]
 SCHEDULES = ["constant", "cosine", "linear"]
-EMPTY_CHART = pd.DataFrame({"step": [], "loss": [], "series": []})
+# Typed columns: an untyped empty frame makes the chart read "series" as a number (a gradient
+# legend) on its first render.
+EMPTY_CHART = pd.DataFrame({"step": pd.Series(dtype="int64"), "loss": pd.Series(dtype="float64"),
+                            "series": pd.Series(dtype="object")})
 
 
 def _component(field: str, label: str, kind: str, value):
@@ -53,10 +60,13 @@ def start(recipe, model_choice, custom_model, data_path, template, *values):
     try:
         cfg = load_recipe(recipe, model=selected_model(model_choice, custom_model),
                           data_path=data_path, template=template, **overrides)
+        refusal = memory_refusal(cfg)
+        if refusal:
+            return gr.update(), f"⚠️ {refusal}"
         run = start_run(cfg, name=cfg.model.split("/")[-1])
     except (ConfigError, RunnerError) as exc:
         return gr.update(), f"⚠️ {exc}"
-    return gr.update(choices=run_choices(), value=run.name), f"Started run **{run.name}**."
+    return gr.update(choices=run_choices(), value=run.name), started_message(run)
 
 
 def stop(run_name):
@@ -66,6 +76,28 @@ def stop(run_name):
         return stop_run(get_run(run_name))
     except RunnerError as exc:
         return f"⚠️ {exc}"
+
+
+# --- resume and the queue (one training job per GPU; the Runs tab reorders and cancels) ---------
+
+def resume(run_name):
+    if not run_name:
+        return "No run selected."
+    try:
+        return resume_run(get_run(run_name))
+    except RunnerError as exc:
+        return f"⚠️ {exc}"
+
+
+def started_message(run) -> str:
+    if run.read_status().get("state") == "queued":
+        return f"Queued run **{run.name}**: it starts when the run ahead of it ends (Runs tab: reorder, cancel)."
+    return f"Started run **{run.name}**."
+
+
+def queue_note() -> str:
+    names = [run.name for run in queued_runs()]
+    return f"\n\nWaiting for the GPU: {', '.join(names)} (Runs tab: reorder, cancel)" if names else ""
 
 
 def run_choices() -> list[str]:
@@ -90,7 +122,8 @@ def show_run(run_name):
         run = get_run(run_name)
     except RunnerError as exc:
         return f"⚠️ {exc}", EMPTY_CHART
-    return status_markdown(run.read_status(), run.read_metrics()), chart_frame(run.read_metrics())
+    return status_markdown(run.read_status(), run.read_metrics()) + queue_note(), \
+        chart_frame(run.read_metrics())
 
 
 def chart_frame(metrics: list[dict]) -> pd.DataFrame:
@@ -131,9 +164,59 @@ def _duration(seconds: float) -> str:
     return time.strftime("%H:%M:%S", time.gmtime(max(0, int(seconds))))
 
 
+# --- memory: the planner's breakdown as a stacked bar, and the pre-flight check of Start ----------
+
+BAR_COLOURS = ["#4e79a7", "#59a14f", "#f28e2b", "#e15759", "#76b7b2", "#edc948", "#b07aa1"]
+
+
+def memory_refusal(cfg) -> str | None:
+    """Why this run would run out of GPU memory, or None. Free VRAM counts, not total; on a CPU
+    (no GPU, or device cpu) nothing is refused: the planner describes GPU memory only."""
+    if cfg.device == "cpu":
+        return None
+    free, total = planner.detected_vram()
+    if free is not None and active_run() is not None:
+        free = total  # our own training run holds memory now; a queued run starts after it ends
+    return planner.preflight(cfg.model, cfg.max_seq_len, cfg.micro_batch_size, cfg.lora_r, free, total)
+
+
+def memory_bar(model_choice, custom_model, max_seq_len, micro_batch, lora_r) -> str:
+    """HTML: the plan's parts as one stacked bar against the card's free memory, with a legend."""
+    try:
+        model = planner.model_shape(selected_model(model_choice, custom_model))
+        length, batch, rank = int(max_seq_len), int(micro_batch), int(lora_r)
+    except (CatalogError, TypeError, ValueError):
+        model = None
+    if model is None:
+        return "<p>Memory plan: unknown model shape (a Hub id outside the catalog) or incomplete settings.</p>"
+    gpu = planner.detected_gpu()
+    free = gpu.free_gb if gpu else None
+    result = planner.plan(model, max(length, 1), max(batch, 1), max(rank, 1), free)
+    scale = max(result.total_gb, free or 0) or 1.0
+    segments = "".join(
+        f'<div title="{part}: {gb:.2f} GB" style="width:{100 * gb / scale:.2f}%;background:{colour}"></div>'
+        for (part, gb), colour in zip(result.parts.items(), BAR_COLOURS) if gb > 0)
+    marker = (f'<div style="position:absolute;left:{100 * free / scale:.2f}%;top:-4px;bottom:-4px;'
+              'border-left:3px solid #222"></div>') if free else ""
+    legend = " ".join(f'<span style="white-space:nowrap"><span style="color:{colour}">■</span> {part} '
+                      f'{gb:.2f} GB</span>' for (part, gb), colour in zip(result.parts.items(), BAR_COLOURS))
+    if free is None:
+        verdict = f"about {result.total_gb:.1f} GB on a GPU; this machine trains on the CPU"
+    else:
+        verdict = (f"{result.total_gb:.1f} GB of {free:.1f} GB free on {gpu.name}: "
+                   + ("fits" if result.fits else "does not fit (Start will refuse)"))
+    speed = planner.tokens_per_second(model, length, planner.find_gpu(gpu.name, gpu.total_gb) if gpu else None)
+    return (f'<div id="memory-plan"><b>Memory plan</b>: {verdict}'
+            f'<div style="position:relative;display:flex;height:22px;margin:6px 0;background:#eee;'
+            f'border-radius:4px">{segments}{marker}</div><small>{legend}<br>First guess of speed: '
+            f'about {speed:.0f} tokens/s (the live rate replaces it once training runs).</small></div>')
+
+
 def build(hardware: dict, data: dict) -> dict:
     names = recipe_names()
-    first = "default" if "default" in names else names[0]
+    # On a CPU only the quick-test recipe finishes in minutes; a GPU gets the everyday default.
+    preferred = "default" if detect_gpus()[0] else "quick-test"
+    first = preferred if preferred in names else names[0]
     recipe = gr.Dropdown(names, value=first, label="Recipe", elem_id="recipe-choice")
     description = gr.Markdown(recipe_description(first))
     defaults = load_recipe(first)
@@ -149,10 +232,16 @@ def build(hardware: dict, data: dict) -> dict:
                     by_field[field] = _component(field, label, kind, getattr(defaults, field))
     components = [by_field[field] for field, *_ in FIELDS]
     recipe.change(recipe_values, recipe, [description] + components, api_name=False)
+    plan_inputs = [hardware["model"], hardware["custom_model"], by_field["max_seq_len"],
+                   by_field["micro_batch_size"], by_field["lora_r"]]
+    memory = gr.HTML(memory_bar(*[c.value for c in plan_inputs]), elem_id="memory-plan-html")
+    for component in plan_inputs:
+        component.change(memory_bar, plan_inputs, memory, api_name=False, show_progress="hidden")
 
     with gr.Row():
         start_button = gr.Button("Start training", variant="primary", elem_id="start-button")
         stop_button = gr.Button("Stop", variant="stop", elem_id="stop-button")
+        resume_button = gr.Button("Resume", elem_id="resume-button")
     message = gr.Markdown(elem_id="train-message")
     run = gr.Dropdown(choices=run_choices(), value=default_run(), label="Run", elem_id="run-choice",
                       allow_custom_value=True)
@@ -164,6 +253,7 @@ def build(hardware: dict, data: dict) -> dict:
     inputs = [recipe, hardware["model"], hardware["custom_model"], data["data_path"], data["template"]]
     start_button.click(start, inputs + components, [run, message], api_name="start_training")
     stop_button.click(stop, run, message, api_name="stop_training")
+    resume_button.click(resume, run, message, api_name="resume_training")
     run.change(show_run, run, [status, chart], api_name="run_status")
     timer.tick(show_run, run, [status, chart], api_name=False, show_progress="hidden")
     return {"run": run, "on_load": on_load}

@@ -14,6 +14,7 @@ from pathlib import Path
 from engine.config import ConfigError, RunConfig, load_recipe, recipe_names
 from engine.data import DataError, read_dataset
 from engine.models import ModelError
+from engine.readers import is_hub_id
 from engine.runner import RunnerError
 from engine.templates import TemplateError
 
@@ -25,8 +26,10 @@ class CliError(RuntimeError):
 # Flags that map one-to-one onto RunConfig fields (flag -> field).
 TRAIN_FLAGS = {
     "model": (str, "catalog id, Hub id, local folder, or 'embedded'"),
-    "data": (str, "training file (.jsonl)"),
-    "eval_data": (str, "optional eval file (.jsonl) for eval loss"),
+    "data": (str, "training file (.jsonl, .json, .csv, .parquet) or a Hub dataset id"),
+    "eval_data": (str, "optional eval file for eval loss"),
+    "format": (str, "row format instead of auto-detection (alpaca, chat, sharegpt, ...)"),
+    "columns": (str, "column mapping for .csv/.parquet, e.g. prompt=question,completion=answer"),
     "eval_share": (float, "share of rows held out for eval (default 0)"),
     "template": (str, "prompt format: guanaco, alpaca or model"),
     "epochs": (float, "passes over the data"),
@@ -41,7 +44,7 @@ TRAIN_FLAGS = {
     "seed": (int, "random seed"),
 }
 FIELD_OF_FLAG = {"data": "data_path", "eval_data": "eval_data_path", "micro_batch": "micro_batch_size",
-                 "grad_accum": "grad_accum_steps"}
+                 "grad_accum": "grad_accum_steps", "format": "data_format", "columns": "data_columns"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,9 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="check a dataset")
     data_commands = data.add_subparsers(dest="data_command", required=True)
-    check = data_commands.add_parser("check", help="validate a .jsonl file: format, rows, problems")
-    check.add_argument("file")
+    check = data_commands.add_parser("check", help="validate a data file: format, rows, problems")
+    check.add_argument("file", help=".jsonl, .json, .csv or .parquet file, or a Hub dataset id")
     check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.add_argument("--format", default="auto", help="auto (default), alpaca, chat, sharegpt, "
+                       "completion, guanaco or text")
+    check.add_argument("--columns", default="", help="csv/parquet columns, e.g. prompt=question,completion=answer")
+    check.add_argument("--model", help="also count tokens with this model's tokenizer (e.g. embedded)")
+    check.add_argument("--template", default="guanaco", help="prompt format for token counts")
+    check.add_argument("--max-seq-len", type=int, default=512, help="rows longer than this are reported")
+    check.add_argument("--skip-bad-rows", action="store_true", help="exit 0 if the good rows are usable")
 
     train = commands.add_parser("train", help="train a QLoRA adapter (foreground)",
                                 description="Train from flags, from --config, or an existing run dir.")
@@ -66,8 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="the run directory to create")
     for flag, (kind, text) in TRAIN_FLAGS.items():
         train.add_argument("--" + flag.replace("_", "-"), type=kind, help=text)
+    train.add_argument("--skip-bad-rows", action="store_true",
+                       help="train on the good rows of a file that has bad ones (they are counted)")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     train.add_argument("--background", action="store_true", help=argparse.SUPPRESS)
+    train.add_argument("--vram-gb", type=float, help="check the memory plan against this much free "
+                       "GPU memory instead of the detected amount")
+    _add_planner_commands(commands)
 
     chat = commands.add_parser("chat", help="ask a tuned run (or a base model) one question")
     chat.add_argument("run_dir", nargs="?", help="a finished or stopped run directory")
@@ -76,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, default=128)
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     chat.add_argument("--top-p", type=float, default=0.9)
+
+    resume = commands.add_parser("resume", help="continue a stopped or failed run from its last checkpoint")
+    resume.add_argument("run_dir", help="the run directory (holds config.yaml and checkpoints/)")
     return parser
 
 
@@ -102,9 +120,22 @@ def cmd_hardware(args) -> int:
 
 
 def cmd_data(args) -> int:
-    report = read_dataset(args.file)
-    print(json.dumps(report.to_dict(), indent=1) if args.json else report.summary())
-    return 0 if report.ok else 1
+    stats = None
+    if args.model:
+        from engine.datastats import StatsCollector
+        from engine.models import load_tokenizer, resolve_model
+        from engine.templates import get_template
+
+        tokenizer = load_tokenizer(resolve_model(args.model))
+        stats = StatsCollector(tokenizer, get_template(args.template, tokenizer), args.max_seq_len)
+    report = read_dataset(args.file, args.format, args.columns, keep=0,
+                          on_row=stats.add if stats else None)
+    result = stats.finish() if stats else None
+    if args.json:
+        print(json.dumps({**report.to_dict(), **({"stats": result.to_dict()} if result else {})}, indent=1))
+    else:
+        print(report.summary() + (f"\n{result.summary()}" if result else ""))
+    return 0 if report.usable(args.skip_bad_rows) else 1
 
 
 def cmd_train(args) -> int:
@@ -115,6 +146,8 @@ def cmd_train(args) -> int:
         run = RunDir(args.run_dir)
         if not run.is_run():
             raise CliError(f"{args.run_dir} has no config.yaml: to start a new run use --out")
+        if not args.background:  # the UI checked before it spawned a background run
+            _preflight(RunConfig.load(run.config_path), args.vram_gb)
     else:
         run = _new_run(args)
     if not args.background:
@@ -144,12 +177,16 @@ def _new_run(args):
         value = getattr(args, flag)
         if value is not None:
             setattr(cfg, FIELD_OF_FLAG.get(flag, flag), value)
+    if args.skip_bad_rows:
+        cfg.skip_bad_rows = True
     for name in ("data_path", "eval_data_path"):
-        if getattr(cfg, name):
-            setattr(cfg, name, str(Path(getattr(cfg, name)).expanduser().resolve()))
+        value = getattr(cfg, name)
+        if value and not is_hub_id(value):  # a Hub dataset id is not a path to resolve
+            setattr(cfg, name, str(Path(value).expanduser().resolve()))
     cfg.validate()
-    data = read_dataset(cfg.data_path)
-    if not data.ok:
+    _preflight(cfg, args.vram_gb)
+    data = read_dataset(cfg.data_path, cfg.data_format, cfg.data_columns, keep=0)
+    if not data.usable(cfg.skip_bad_rows):
         raise DataError(data.summary(max_errors=3).replace("\n", " "))
     out.mkdir(parents=True, exist_ok=True)
     run = RunDir(out)
@@ -179,4 +216,119 @@ def cmd_chat(args) -> int:
     return 0
 
 
-COMMANDS = {"hardware": cmd_hardware, "data": cmd_data, "train": cmd_train, "chat": cmd_chat}
+# --- memory planner: plan, recommend, and the pre-flight check of train ---------------------------
+
+def _add_planner_commands(commands) -> None:
+    plan = commands.add_parser("plan", help="estimate the GPU memory a QLoRA run needs, part by part")
+    plan.add_argument("--model", required=True, help="catalog id, Hub id in the catalog, or local folder")
+    recommend = commands.add_parser("recommend", help="the catalog models that fit a GPU, best first")
+    for sub in (plan, recommend):
+        card = sub.add_mutually_exclusive_group()
+        card.add_argument("--gpu", help="a card from presets/gpus.yaml, e.g. 'RTX 3060' (default: detected)")
+        card.add_argument("--vram-gb", type=float, help="free GPU memory to plan for (default: detected)")
+        sub.add_argument("--json", action="store_true", help="machine-readable output")
+    defaults = RunConfig()
+    plan.add_argument("--max-seq-len", type=int, default=defaults.max_seq_len)
+    plan.add_argument("--micro-batch", type=int, default=defaults.micro_batch_size)
+    plan.add_argument("--lora-r", type=int, default=defaults.lora_r)
+
+
+def _vram_of(args) -> tuple[float | None, str]:
+    """GB to plan for and where that figure came from."""
+    from engine.planner import detected_vram, find_gpu, load_gpus
+
+    if args.vram_gb is not None:
+        return args.vram_gb, f"{args.vram_gb:g} GB (--vram-gb)"
+    if args.gpu:
+        card = find_gpu(args.gpu)
+        if card is None:
+            names = sorted({g.name for g in load_gpus()})
+            raise CliError(f"GPU '{args.gpu}' is not in presets/gpus.yaml: use one of {', '.join(names)}, "
+                           "or --vram-gb")
+        return card.vram_gb, f"{card.name} {card.vram_gb:g} GB"
+    free, total = detected_vram()
+    if free is None:
+        return None, "no GPU detected"
+    return free, f"{free:.1f} GB free of {total:.1f} GB (detected)"
+
+
+def cmd_plan(args) -> int:
+    from engine.catalog import CatalogError
+    from engine.planner import model_shape, plan
+
+    try:
+        model = model_shape(args.model)
+    except CatalogError as exc:
+        raise CliError(str(exc)) from None
+    if model is None:
+        raise CliError(f"model '{args.model}' is not in the catalog and not a local folder: the planner "
+                       "needs its shapes (download it and pass its folder)")
+    vram, source = _vram_of(args)
+    result = plan(model, args.max_seq_len, args.micro_batch, args.lora_r, vram)
+    if args.json:
+        values = result.to_dict()
+        values["fits"] = result.fits if vram is not None else None
+        print(json.dumps(values, indent=1))
+        return 0
+    print(f"{model.name}: {args.max_seq_len} tokens x micro-batch {args.micro_batch}, LoRA r={args.lora_r}")
+    for part, gb in result.parts.items():
+        print(f"  {part:<40} {gb:7.2f} GB")
+    print(f"  {'total':<40} {result.total_gb:7.2f} GB")
+    if vram is None:
+        print(f"{source}: pass --gpu or --vram-gb for a verdict")
+    else:
+        print(f"{'fits' if result.fits else 'does NOT fit'} in {source} (keeping 10% headroom)")
+    return 0
+
+
+def cmd_recommend(args) -> int:
+    from engine.planner import recommend
+
+    vram, source = _vram_of(args)
+    picks = recommend(vram)
+    if args.json:
+        print(json.dumps([p.to_dict() for p in picks], indent=1))
+        return 0
+    print(f"Models that fit {source}, largest first:" if vram is not None
+          else "No GPU: CPU mode, the embedded model:")
+    for pick in picks:
+        print(f"  {pick.model.id:<16} {pick.why}")
+    if not picks:
+        print("  none: this much memory fits no catalog model at 1024 tokens")
+    return 0
+
+
+def _preflight(cfg: RunConfig, vram_gb: float | None) -> None:
+    """Refuse, before anything loads, a run the planner says will not fit on the GPU."""
+    from engine.planner import detected_vram, preflight
+
+    total = None
+    if vram_gb is None:
+        if cfg.device == "cpu":
+            return
+        vram_gb, total = detected_vram()
+    problem = preflight(cfg.model, cfg.max_seq_len, cfg.micro_batch_size, cfg.lora_r, vram_gb, total)
+    if problem:
+        raise CliError(problem)
+
+
+def cmd_resume(args) -> int:
+    """`train RUN_DIR --resume` in the foreground, once we know the run is not still training."""
+    from engine.rundir import RunDir
+
+    run = RunDir(args.run_dir)
+    if not run.is_run():
+        raise CliError(f"{args.run_dir} has no config.yaml: it is not a run directory")
+    state = run.read_status().get("state")
+    if state in ("running", "stopping", "finished"):
+        raise CliError(f"{args.run_dir} is {state}: only a stopped or failed run can be resumed")
+    checkpoint = run.latest_checkpoint()
+    print(f"resuming {run.path} from {checkpoint.name if checkpoint else 'the start (no checkpoint yet)'}",
+          file=sys.stderr)
+    args.resume, args.background, args.vram_gb = True, False, None
+    return cmd_train(args)
+
+
+COMMANDS = {"hardware": cmd_hardware, "data": cmd_data, "train": cmd_train, "chat": cmd_chat,
+            "plan": cmd_plan, "recommend": cmd_recommend,
+            "resume": cmd_resume}

@@ -23,9 +23,12 @@ class ConfigError(ValueError):
 class RunConfig:
     # What to train on
     model: str = "embedded"  # catalog id, Hub id, local folder, or "embedded" (offline SmolLM2-135M)
-    data_path: str = ""  # the training file (.jsonl); kept unchanged, read at train time
+    data_path: str = ""  # training file (.jsonl/.json/.csv/.parquet) or Hub dataset id; kept unchanged
     eval_data_path: str = ""  # optional second file for eval loss; wins over eval_share
     eval_share: float = 0.0  # share of rows held out for eval loss (0 = no eval split)
+    data_format: str = "auto"  # detected per file, or forced (engine.formats.FORMATS names one)
+    data_columns: str = ""  # csv/parquet column mapping, e.g. "prompt=question,completion=answer"
+    skip_bad_rows: bool = False  # train on the good rows of a file with bad ones (the count is logged)
     template: str = "guanaco"  # prompt format: guanaco (the paper's), alpaca, or model (its chat template)
     max_seq_len: int = 512  # longer rows are cut; the main lever on activation memory
 
@@ -60,6 +63,7 @@ class RunConfig:
     logging_steps: int = 1  # log every optimizer step so the live chart moves
     save_steps: int = 50  # checkpoint every N optimizer steps (resumable)
     save_total_limit: int = 2  # keep the last few checkpoints only; they hold optimizer state
+    save_minutes: float = 10.0  # also checkpoint at least this often, so a crash loses little work
 
     def validate(self) -> "RunConfig":
         problems = []
@@ -82,6 +86,10 @@ class RunConfig:
             problems.append("lora_dropout must be between 0 and 1")
         if not 0 <= self.eval_share < 0.5:
             problems.append("eval_share must be between 0 and 0.5")
+        if self.data_format not in ("auto", "alpaca", "chat", "sharegpt", "completion", "guanaco",
+                                    "text"):
+            problems.append(f"data_format '{self.data_format}' is unknown: use auto, alpaca, chat, "
+                            "sharegpt, completion, guanaco or text")
         if self.quant_type not in ("nf4", "fp4"):
             problems.append(f"quant_type '{self.quant_type}' is unknown: use nf4 or fp4")
         if self.compute_dtype not in ("auto", "bf16", "fp16", "fp32"):

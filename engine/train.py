@@ -9,9 +9,12 @@ only bridge to the UI: it writes status.json and metrics.jsonl and honours stop 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
+import os
+import shutil
 import signal
 import time
 import traceback
@@ -19,6 +22,7 @@ import traceback
 import psutil
 from transformers import PrinterCallback, TrainerCallback
 
+from engine import checkpoints
 from engine.config import ConfigError, RunConfig
 from engine.data import DataError, load_conversations
 from engine.models import (
@@ -30,7 +34,7 @@ from engine.models import (
     resolve_model,
 )
 from engine.rundir import RunDir, process_created
-from engine.templates import IGNORE_INDEX, TemplateError, encode, get_template
+from engine.templates import IGNORE_INDEX, TemplateError, encode, get_template, pack, text_tokens
 
 log = logging.getLogger("engine.train")
 TEMPLATE_FILE = "prompt_template.json"
@@ -38,25 +42,59 @@ KNOWN_ERRORS = (ConfigError, DataError, ModelError, TemplateError)
 
 
 def run_training(run_dir: str, resume: bool = False) -> str:
-    """Train one run to its end; returns the final state (finished, stopped or failed)."""
+    """Train one run to its end; returns the final state (finished, stopped or failed).
+
+    When it ends, for whatever reason, the next queued run gets the GPU: the queue moves on even
+    with no UI open."""
     run = RunDir(run_dir)
     pid = psutil.Process().pid
     run.write_status(state="running", pid=pid, pid_created=process_created(pid),
-                     started=time.time(), message="loading the model", error="")
+                     started=time.time(), message="loading the model", error="", notes=[])
     # A plain `kill` (SIGTERM) or Ctrl-C is a stop request: save, then exit, like the Stop button.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: run.request_stop())
     try:
-        cfg = RunConfig.load(run.config_path).validate()
-        state = _train(run, cfg, resume)
-    except KNOWN_ERRORS as exc:
-        return _fail(run, str(exc))
-    except Exception as exc:  # noqa: BLE001 - anything else still ends as a readable status
-        if _is_out_of_memory(exc):
-            return _fail(run, _oom_message(run))
-        log.error("unexpected error:\n%s", traceback.format_exc())
-        return _fail(run, f"unexpected error: {type(exc).__name__}: {exc} (details in train.log)")
-    return state
+        return _train_with_retries(run, resume)
+    finally:
+        _hand_over_gpu(run)
+
+
+def _train_with_retries(run: RunDir, resume: bool) -> str:
+    """_train, and on GPU out-of-memory again from the last checkpoint with half the micro-batch."""
+    while True:
+        try:
+            cfg = RunConfig.load(run.config_path).validate()
+            return _train(run, cfg, resume)
+        except KNOWN_ERRORS as exc:
+            return _fail(run, str(exc))
+        except Exception as exc:  # noqa: BLE001 - anything else still ends as a readable status
+            if not _is_out_of_memory(exc):
+                if _is_disk_problem(exc):
+                    return _fail(run, _disk_message(run, exc))
+                log.error("unexpected error:\n%s", traceback.format_exc())
+                return _fail(run, f"unexpected error: {type(exc).__name__}: {exc} (details in train.log)")
+            if cfg.micro_batch_size <= 1:
+                return _fail(run, _oom_message(run, cfg))
+        # Retry outside the except block: the exception's frames hold the failed attempt's tensors.
+        _free_memory()
+        cfg = _halve_micro_batch(run, cfg)
+        resume = True
+
+
+def _halve_micro_batch(run: RunDir, cfg: RunConfig) -> RunConfig:
+    old_batch, old_accum = cfg.micro_batch_size, cfg.grad_accum_steps
+    cfg.micro_batch_size = old_batch // 2
+    cfg.grad_accum_steps = old_accum * 2
+    cfg.save(run.config_path)  # a later Resume must not run out of memory the same way
+    checkpoint = run.latest_checkpoint()
+    note = (f"GPU out of memory at step {run.read_status().get('step', 0)} with micro-batch "
+            f"{old_batch}: retrying from {checkpoint.name if checkpoint else 'the start'} with "
+            f"micro-batch {cfg.micro_batch_size} and gradient accumulation {cfg.grad_accum_steps} "
+            f"(effective batch {old_batch * old_accum} -> {cfg.micro_batch_size * cfg.grad_accum_steps})")
+    log.warning(note)
+    notes = run.read_status().get("notes") or []
+    run.write_status(message=note, notes=notes + [note])
+    return cfg
 
 
 def _train(run: RunDir, cfg: RunConfig, resume: bool) -> str:
@@ -109,6 +147,7 @@ def _train(run: RunDir, cfg: RunConfig, resume: bool) -> str:
         gradient_checkpointing_kwargs={"use_reentrant": False},
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         logging_steps=cfg.logging_steps,
+        logging_nan_inf_filter=False,  # the default hides a NaN loss; we must see it to stop
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
@@ -120,7 +159,7 @@ def _train(run: RunDir, cfg: RunConfig, resume: bool) -> str:
         report_to="none",
         disable_tqdm=True,
     )
-    callback = StudioCallback(run, device)
+    callback = StudioCallback(run, device, save_every_s=cfg.save_minutes * 60)
     trainer = Trainer(
         model=model,
         args=args,
@@ -132,40 +171,95 @@ def _train(run: RunDir, cfg: RunConfig, resume: bool) -> str:
     trainer.remove_callback(PrinterCallback)  # our callback already logs each step, readably
     run.write_status(message=f"training on {device} with {optimizer}, compute {str(dtype)[6:]}",
                      device=device, optimizer=optimizer)
-    checkpoint = run.latest_checkpoint() if resume else None
+    checkpoint = _resume_point(run) if resume else None
+    # Steps past the checkpoint are trained again: their old chart points go (a fresh start: all).
+    run.drop_metrics_after(checkpoints.step_of(checkpoint) if checkpoint else 0)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
-    model.save_pretrained(run.adapter_dir)
-    tokenizer.save_pretrained(run.adapter_dir)
-    (run.adapter_dir / TEMPLATE_FILE).write_text(json.dumps(
-        {"template": cfg.template, "base_model": cfg.model, "base_source": source}, indent=1))
+    step = trainer.state.global_step
+    if callback.bad_loss:
+        last = run.latest_checkpoint()
+        return _fail(run, f"{callback.bad_loss}; training stopped at step {step}. "
+                     + (f"The last good checkpoint ({last.name}) is kept: " if last else "")
+                     + f"lower the learning rate (now {cfg.lr:g}) or max_grad_norm, then start again"
+                     + (" or Resume" if last else ""))
+    _save_adapter(run, model, tokenizer, cfg, source)
     stopped = callback.stop_seen
+    notes = run.read_status().get("notes") or []
+    message = (f"stopped at step {step}; adapter saved" if stopped
+               else f"finished {step} steps; adapter saved")
+    if notes:
+        message += f" (after {len(notes)} out-of-memory retr{'y' if len(notes) == 1 else 'ies'}: "
+        message += f"micro-batch {cfg.micro_batch_size}, gradient accumulation {cfg.grad_accum_steps})"
     state = "stopped" if stopped else "finished"
-    message = (f"stopped at step {trainer.state.global_step}; adapter saved" if stopped
-               else f"finished {trainer.state.global_step} steps; adapter saved")
-    run.write_status(state=state, message=message, step=trainer.state.global_step, eta_s=0)
+    run.write_status(state=state, message=message, step=step, eta_s=0)
     log.info(message)
     return state
 
 
+def _resume_point(run: RunDir):
+    removed = checkpoints.remove_incomplete(run.checkpoints_dir)
+    if removed:
+        log.warning("removed incomplete checkpoint(s) %s (written when the run broke off)",
+                    ", ".join(removed))
+    checkpoint = run.latest_checkpoint()
+    log.info("resuming from %s", checkpoint.name if checkpoint else "the start (no checkpoint yet)")
+    return checkpoint
+
+
+def _save_adapter(run: RunDir, model, tokenizer, cfg: RunConfig, source: str) -> None:
+    # Written beside, then swapped in: a crash while saving leaves the previous adapter whole.
+    tmp = run.path / "adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / TEMPLATE_FILE).write_text(json.dumps(
+        {"template": cfg.template, "base_model": cfg.model, "base_source": source}, indent=1))
+    old = run.path / "adapter.old"
+    if run.adapter_dir.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(run.adapter_dir, old)
+    os.replace(tmp, run.adapter_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _split(cfg: RunConfig):
-    rows = [row.messages for row in load_conversations(cfg.data_path).rows]
+    """(train rows, eval rows): the eval file when given, else a seeded share of the training rows."""
+    rows = _read_rows(cfg.data_path, cfg)
     if cfg.eval_data_path:
-        return rows, [row.messages for row in load_conversations(cfg.eval_data_path).rows]
+        return rows, _read_rows(cfg.eval_data_path, cfg)
     if cfg.eval_share <= 0 or len(rows) < 10:
+        if cfg.eval_share > 0:
+            log.warning("only %d rows: no eval split (it needs at least 10)", len(rows))
         return rows, []
     import random
 
     shuffled = rows[:]
     random.Random(cfg.seed).shuffle(shuffled)
     held = max(1, int(len(rows) * cfg.eval_share))
+    log.info("held out %d of %d rows for eval (seed %d)", held, len(rows), cfg.seed)
     return shuffled[held:], shuffled[:held]
 
 
+def _read_rows(source: str, cfg: RunConfig) -> list:
+    report = load_conversations(source, cfg.data_format, cfg.data_columns, cfg.skip_bad_rows)
+    if report.errors:
+        log.warning("%s: skipped %d bad rows, as asked (skip_bad_rows); first problems:\n%s",
+                    source, report.bad_rows, report.summary(max_errors=5))
+    log.info("%s: %d rows in %s format", source, report.row_count, report.format)
+    return report.rows
+
+
 def _tokenise(rows, tokenizer, template, cfg: RunConfig, split: str) -> list[dict]:
+    texts = [row for row in rows if row.is_text]
+    if texts:  # continued pre-training: every token trained, rows packed into full blocks
+        blocks = pack((text_tokens(tokenizer, row.text) for row in texts), cfg.max_seq_len)
+        log.info("%d %s text rows packed into %d blocks of up to %d tokens",
+                 len(texts), split, len(blocks), cfg.max_seq_len)
+        return blocks
     examples, cut, empty = [], 0, 0
-    for messages in rows:
-        example = encode(tokenizer, template, messages, cfg.max_seq_len)
+    for row in rows:
+        example = encode(tokenizer, template, row.messages, cfg.max_seq_len)
         cut += example.pop("length") > cfg.max_seq_len
         if all(label == IGNORE_INDEX for label in example["labels"]):
             empty += 1  # truncation removed every answer token: nothing to learn from this row
@@ -183,44 +277,97 @@ def _tokenise(rows, tokenizer, template, cfg: RunConfig, split: str) -> list[dic
 
 def _fail(run: RunDir, message: str) -> str:
     log.error(message)
-    run.write_status(state="failed", message=message, error=message)
+    try:
+        run.write_status(state="failed", message=message, error=message)
+    except OSError:
+        pass  # a full disk: the log line above and the dead pid still tell the UI it failed
     return "failed"
+
+
+def _hand_over_gpu(run: RunDir) -> None:
+    """Free this process's GPU memory, then start the next queued run, if this run is in the queue's
+    runs folder."""
+    _free_memory()
+    try:
+        from engine.paths import runs_dir
+        from engine.runner import start_next
+
+        if run.path.resolve().parent == runs_dir().resolve():
+            started = start_next()
+            if started is not None:
+                log.info("started the next queued run: %s", started.name)
+    except Exception as exc:  # noqa: BLE001 - this run is over; the UI can still start the queue
+        log.warning("could not start the next queued run: %s", exc)
+
+
+def _free_memory() -> None:
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _is_out_of_memory(exc: Exception) -> bool:
     return "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError"
 
 
-def _oom_message(run: RunDir) -> str:
-    try:
-        cfg = RunConfig.load(run.config_path)
-        step = run.read_status().get("step", 0)
-        return (f"GPU out of memory at step {step} with sequence length {cfg.max_seq_len} and "
-                f"micro-batch {cfg.micro_batch_size}: lower max_seq_len to {cfg.max_seq_len // 2} "
-                "or the micro-batch to 1 (raise gradient accumulation to keep the effective batch)")
-    except ConfigError:
-        return "out of memory: lower the sequence length or the micro-batch"
+def _is_disk_problem(exc: Exception) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES,
+                                                  errno.EROFS, errno.EPERM):
+        return True
+    # torch.save and safetensors report a failed write in their own words, not as OSError.
+    text = str(exc)
+    return any(words in text for words in ("No space left", "StorageFull", "file write failed",
+                                           "Permission denied", "Read-only file system"))
+
+
+def _disk_message(run: RunDir, exc: Exception) -> str:
+    last = run.latest_checkpoint()
+    kept = (f"the last complete checkpoint ({last.name}) is intact" if last
+            else "no checkpoint had been completed yet")
+    reason = ("the disk is full" if "space" in str(exc).lower() or getattr(exc, "errno", None)
+              in (errno.ENOSPC, errno.EDQUOT) else "the run folder is not writable")
+    return (f"could not write to {run.path}: {reason} ({exc}). {kept[0].upper() + kept[1:]}. "
+            "Free some space (or fix the folder's permissions), then press Resume")
+
+
+def _oom_message(run: RunDir, cfg: RunConfig) -> str:
+    step = run.read_status().get("step", 0)
+    return (f"GPU out of memory at step {step} with sequence length {cfg.max_seq_len} and "
+            f"micro-batch {cfg.micro_batch_size}, already the smallest: lower max_seq_len to "
+            f"{cfg.max_seq_len // 2}, or LoRA rank (now {cfg.lora_r}), or pick a smaller model")
 
 
 class StudioCallback(TrainerCallback):
-    """Writes status.json and metrics.jsonl for the UI and turns stop requests into a clean stop."""
+    """Writes status.json and metrics.jsonl for the UI, turns stop requests into a clean stop,
+    checkpoints by wall time as well as by steps, marks checkpoints complete, and stops on NaN."""
 
-    def __init__(self, run: RunDir, device: str):
+    def __init__(self, run: RunDir, device: str, save_every_s: float = 600):
         self.run = run
         self.device = device
+        self.save_every_s = save_every_s
         self.stop_seen = False
-        self.started = time.time()
+        self.bad_loss = ""
+        self.started = self.last_save = time.time()
+        self.first_step = 0
         self.last_log = (self.started, 0)  # (time, tokens seen) at the previous log
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.started = time.time()
+        self.started = self.last_save = time.time()
+        self.first_step = state.global_step  # above 0 on resume: the ETA counts this session's pace
         self.last_log = (self.started, state.num_input_tokens_seen)
         self.run.write_status(step=state.global_step, total_steps=state.max_steps, elapsed_s=0)
 
     def on_step_end(self, args, state, control, **kwargs):
-        elapsed = time.time() - self.started
-        done = max(state.global_step, 1)
+        now = time.time()
+        elapsed = now - self.started
+        done = max(state.global_step - self.first_step, 1)
         eta = elapsed / done * (state.max_steps - state.global_step)
+        if now - self.last_save >= self.save_every_s:
+            control.should_save = True  # a slow run still never loses more than save_minutes
         if self.run.stop_requested() and not self.stop_seen:
             self.stop_seen = True
             control.should_training_stop = True
@@ -230,10 +377,32 @@ class StudioCallback(TrainerCallback):
                               epoch=state.epoch, elapsed_s=round(elapsed, 1),
                               eta_s=None if math.isnan(eta) else round(eta, 1))
 
+    def on_save(self, args, state, control, model=None, **kwargs):
+        self.last_save = time.time()
+        path = self.run.checkpoints_dir / f"{checkpoints.PREFIX}{state.global_step}"
+        params = [p for p in model.parameters() if p.requires_grad] if model is not None else []
+        problem = checkpoints.problem(path, params)
+        if problem:
+            # Never leave a checkpoint a resume could pick up that is broken or holds NaN weights.
+            shutil.rmtree(path, ignore_errors=True)
+            log.error("checkpoint %s discarded: %s", path.name, problem)
+            if "finite" in problem and not self.bad_loss:
+                self.bad_loss = f"the adapter weights became NaN/inf at step {state.global_step}"
+                control.should_training_stop = True
+            return
+        checkpoints.mark_complete(path)
+        log.info("saved %s", path.name)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
         if "loss" not in logs and "eval_loss" not in logs:
             return  # the end-of-training summary, not a step
+        loss = logs.get("loss")
+        if not checkpoints.finite(loss) and not self.bad_loss:
+            # Every later step would be NaN too, and a checkpoint now would keep broken weights.
+            self.bad_loss = f"the training loss became {loss} at step {state.global_step}"
+            control.should_training_stop = True
+            control.should_save = False
         now = time.time()
         last_time, last_tokens = self.last_log
         tokens = state.num_input_tokens_seen
@@ -241,10 +410,10 @@ class StudioCallback(TrainerCallback):
         record = {
             "step": state.global_step,
             "epoch": round(state.epoch or 0, 4),
-            "loss": logs.get("loss"),
+            "loss": loss if checkpoints.finite(loss) else None,
             "eval_loss": logs.get("eval_loss"),
             "lr": logs.get("learning_rate"),
-            "grad_norm": logs.get("grad_norm"),
+            "grad_norm": logs.get("grad_norm") if checkpoints.finite(logs.get("grad_norm")) else None,
             "tokens_per_s": round((tokens - last_tokens) / max(now - last_time, 1e-6), 1)
             if "loss" in logs else None,
             "gpu_mem_gb": _gpu_memory_gb() if self.device == "cuda" else None,

@@ -1,0 +1,150 @@
+"""The whole journey through the real app: Gradio's Python client, then a real headless browser
+(Playwright driving Debian's chromium). Upload, train the embedded model in the background, watch
+the chart, reload, stop, and chat with the tuned model.
+
+With QLS_SCREENSHOTS=DIR the browser test also saves a screenshot of each tab there (the README's).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from appserver import AppServer
+from facts import FACTS
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Without the background-networking flags chromium keeps dialing Google on a closed network.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TRAINING_TIMEOUT_S = 900  # 64 steps of the quick-test recipe take about a minute on 2 idle cores
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, embedded_model):
+    data = tmp_path_factory.mktemp("e2e") / "data"
+    data.mkdir()
+    server = AppServer(data).wait_ready()
+    yield server
+    server.stop()
+
+
+def wait_until(check, timeout: float, what: str, interval: float = 1.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.mark.slow
+def test_python_client_checks_data_starts_stops_and_chats(app, facts_file, tmp_path):
+    from gradio_client import Client, handle_file
+
+    client = Client(app.url, verbose=False)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(facts_file.read_text().splitlines()[0] + "\n{not json\n")
+    summary, _ = client.predict(handle_file(str(bad)), "guanaco", "embedded", "",
+                                api_name="/check_data")
+    assert "line 2" in summary and "invalid JSON" in summary
+
+    summary, preview = client.predict(handle_file(str(facts_file)), "guanaco", "embedded", "",
+                                      api_name="/check_data")
+    assert "30 rows" in summary and "chat" in summary
+    trained = "".join(p["token"] for p in preview if p["class_or_confidence"] == "trained")
+    assert FACTS[0]["answer"] in trained  # the answer is what the loss is on
+
+    # The uploaded file lives in the client's session; the form keeps the recipe's values.
+    run, message = client.predict(recipe="quick-test", model_choice="embedded", custom_model="",
+                                  template="guanaco", api_name="/start_training")
+    assert "Started run" in message, message
+    run_name = run if isinstance(run, str) else run["value"]
+
+    def stepping():
+        text, _ = client.predict(run_name, api_name="/run_status")
+        match = re.search(r"step (\d+)/", text)
+        return text if match and int(match.group(1)) >= 2 else None
+
+    wait_until(stepping, TRAINING_TIMEOUT_S, "two training steps")
+    assert "stop requested" in client.predict(run_name, api_name="/stop_training")
+    status = wait_until(lambda: (t := client.predict(run_name, api_name="/run_status")[0])
+                        if "stopped" in t else None, 120, "the run to stop")
+    assert "adapter saved" in status
+    assert (app.data_dir / "runs" / run_name / "adapter" / "adapter_model.safetensors").is_file()
+
+    message, history = client.predict("Hello!", [], run_name, 0.0, 0.9, 16, "embedded", "",
+                                      api_name="/chat")
+    assert message == ""  # the input box is cleared
+    reply = history[-1]
+    assert reply["role"] == "assistant"
+    assert "".join(part.get("text", "") for part in reply["content"]).strip()
+
+
+def chart_points(page) -> int:
+    """Points on the rendered loss line: vega draws it as one SVG path, a segment per point."""
+    paths = page.locator("#loss-chart svg .mark-line path").all()
+    return max((len(re.findall(r"[ML]", p.get_attribute("d") or "")) for p in paths), default=0)
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_browser_upload_train_reload_and_chat(app, facts_file):
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("no chromium: install Debian's chromium package (.ci/run does)")
+    from playwright.sync_api import expect, sync_playwright
+
+    shots = os.environ.get("QLS_SCREENSHOTS")
+
+    def screenshot(page, name):
+        if shots:
+            Path(shots).mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(Path(shots) / f"{name}.png"), full_page=True)
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(60_000)
+        page.goto(app.url)
+        expect(page.locator("#hardware-info")).to_contain_text("CPU")
+        screenshot(page, "hardware")
+
+        page.get_by_role("tab", name="Data").click()
+        page.locator("#data-upload input[type=file]").set_input_files(str(facts_file))
+        expect(page.locator("#data-summary")).to_contain_text("30 rows")
+        expect(page.locator("#data-preview")).to_contain_text("Mirrowgate")
+        screenshot(page, "data")
+
+        page.get_by_role("tab", name="Train").click()
+        expect(page.locator("#recipe-choice input")).to_have_value("quick-test")  # CPU default
+        page.locator("#start-button").click()
+        expect(page.locator("#train-message")).to_contain_text("Started run")
+        wait_until(lambda: chart_points(page) >= 3, TRAINING_TIMEOUT_S, "3 points on the chart")
+        before = chart_points(page)
+        wait_until(lambda: chart_points(page) > before, 300, "the chart to gain points")
+
+        # A reload (a closed tab, a restarted UI) finds the running job and its chart again.
+        page.reload()
+        page.get_by_role("tab", name="Train").click()
+        expect(page.locator("#run-status")).to_contain_text("running", timeout=30_000)
+        wait_until(lambda: chart_points(page) >= before, 60, "the chart after the reload")
+        expect(page.locator("#run-status")).to_contain_text("finished",
+                                                           timeout=TRAINING_TIMEOUT_S * 1000)
+        screenshot(page, "train")
+
+        page.get_by_role("tab", name="Chat").click()
+        page.locator("#chat-refresh").click()
+        run_name = page.locator("#run-choice input").input_value()
+        expect(page.locator("#chat-target input")).to_have_value(re.compile(re.escape(run_name)))
+        fact = FACTS[0]
+        page.locator("#chat-input textarea").fill(fact["held_out"][0])
+        page.locator("#chat-input textarea").press("Enter")
+        expect(page.locator("#chatbot")).to_contain_text(fact["keyword"], timeout=120_000)
+        screenshot(page, "chat")
+        browser.close()
