@@ -25,7 +25,7 @@ FORMAT_CHOICES = [("Detect automatically", "auto")] + [(f"{k}: {v}", k) for k, v
 PREVIEW_ROWS = 3
 MAX_LISTED = 20
 HINT = f"Upload a {', '.join(SUFFIXES)} file, or name a Hugging Face dataset."
-EMPTY_HISTOGRAM = pd.DataFrame({"tokens": [], "rows": [], "length": []})
+# Plots start as None, not an empty frame: after an empty frame Gradio draws no later data.
 
 
 def check_data(file, hub_id, fmt, columns, template, max_seq_len, skip_bad_rows, model_choice,
@@ -33,13 +33,13 @@ def check_data(file, hub_id, fmt, columns, template, max_seq_len, skip_bad_rows,
     """Returns (data path for training or '', summary, preview, statistics, histogram)."""
     hub_id = (hub_id or "").strip()
     if not file and not hub_id:
-        return "", HINT, [], "", EMPTY_HISTOGRAM
+        return "", HINT, [], "", None
     if file:
         shown = Path(file).name  # only ever shown, never joined into a path
         try:
             source = str(store_upload(file, uploads_dir()))
         except UploadError as exc:
-            return "", f"❌ {exc}", [], "", EMPTY_HISTOGRAM
+            return "", f"❌ {exc}", [], "", None
     else:
         shown = source = hub_id
     max_seq_len = int(max_seq_len or 512)
@@ -101,16 +101,20 @@ def stats_markdown(stats) -> str:
         f"- {line}" for line in stats.summary().splitlines())
 
 
-def histogram_frame(stats) -> pd.DataFrame:
+def histogram_frame(stats):
+    """The histogram's bars, labelled by token range, in length order (not alphabetical)."""
     if stats is None or not stats.rows:
-        return EMPTY_HISTOGRAM
+        return None
     bars = stats.histogram()
-    return pd.DataFrame({
-        "tokens": [bar["end"] for bar in bars],
+    labels = [f"{bar['start'] + 1}–{bar['end']}" for bar in bars]
+    frame = pd.DataFrame({
+        "tokens": labels,
         "rows": [bar["count"] for bar in bars],
         "length": [f"over max_seq_len {stats.max_seq_len}: cut" if bar["cut"] else
                    f"within max_seq_len {stats.max_seq_len}" for bar in bars],
     })
+    # Ranges are text, so the plot is told their order; numeric bars would be drawn zero-wide.
+    return gr.BarPlot(value=frame, sort=labels)
 
 
 def check_eval(file, fmt, columns):
@@ -152,7 +156,7 @@ def build(hardware: dict) -> dict:
                                  show_legend=True, elem_id="data-preview")
     with gr.Row():
         stats = gr.Markdown(elem_id="data-stats")
-        histogram = gr.BarPlot(EMPTY_HISTOGRAM, x="tokens", y="rows", color="length",
+        histogram = gr.BarPlot(None, x="tokens", y="rows", color="length", x_label_angle=-45,
                                title="Rows by token length (bar = up to that many tokens)",
                                x_title="tokens per row", y_title="rows", height=280,
                                elem_id="token-histogram")

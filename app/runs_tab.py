@@ -24,9 +24,6 @@ from engine.runner import (
 )
 
 COLUMNS = ["run", "state", "steps", "final loss", "duration", "model", "message"]
-# Typed columns: an untyped empty frame makes the chart read "run" as a number on first render.
-EMPTY_OVERLAY = pd.DataFrame({"step": pd.Series(dtype="int64"), "loss": pd.Series(dtype="float64"),
-                              "run": pd.Series(dtype="object")})
 OVERLAID = 8  # more curves than this on one chart are unreadable
 
 
@@ -47,7 +44,7 @@ def runs_table() -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def loss_overlay(names: list[str] | None = None) -> pd.DataFrame:
+def loss_overlay(names: list[str] | None = None) -> pd.DataFrame | None:
     """Training loss per step of the chosen runs (default: the newest few), one series per run."""
     names = names or [run.name for run in list_runs()][:OVERLAID]
     points = []
@@ -58,7 +55,8 @@ def loss_overlay(names: list[str] | None = None) -> pd.DataFrame:
             continue
         points += [{"step": m["step"], "loss": m["loss"], "run": name} for m in run.read_metrics()
                    if m.get("loss") is not None]
-    return pd.DataFrame(points) if points else EMPTY_OVERLAY
+    # None, not an empty frame: after an empty frame Gradio's plot draws no later data.
+    return pd.DataFrame(points) if points else None
 
 
 def queue_markdown() -> str:

@@ -30,15 +30,12 @@ FIELDS = [
     ("warmup_ratio", "Warmup share of steps", "number", True),
     ("max_grad_norm", "Max gradient norm", "number", True),
     ("max_steps", "Max steps (-1 = use epochs)", "int", True),
-    ("eval_share", "Share of rows held out for eval loss (0 = none)", "number", True),
     ("save_steps", "Checkpoint every N steps", "int", True),
     ("seed", "Seed", "int", True),
 ]
 SCHEDULES = ["constant", "cosine", "linear"]
-# Typed columns: an untyped empty frame makes the chart read "series" as a number (a gradient
-# legend) on its first render.
-EMPTY_CHART = pd.DataFrame({"step": pd.Series(dtype="int64"), "loss": pd.Series(dtype="float64"),
-                            "series": pd.Series(dtype="object")})
+# Set in the Data tab, passed into the run configuration in this order.
+DATA_FIELDS = ("eval_data_path", "eval_share", "data_format", "data_columns", "skip_bad_rows")
 
 
 def _component(field: str, label: str, kind: str, value):
@@ -56,7 +53,8 @@ def recipe_values(recipe: str) -> list:
 def start(recipe, model_choice, custom_model, data_path, template, *values):
     if not data_path:
         return gr.update(), "⚠️ Upload a valid training file in the Data tab first."
-    overrides = {field: value for (field, *_), value in zip(FIELDS, values)}
+    names = [field for field, *_ in FIELDS] + list(DATA_FIELDS)
+    overrides = dict(zip(names, values))
     try:
         cfg = load_recipe(recipe, model=selected_model(model_choice, custom_model),
                           data_path=data_path, template=template, **overrides)
@@ -117,21 +115,22 @@ def on_load():
 def show_run(run_name):
     """Status text and loss chart of one run, read from its run directory."""
     if not run_name:
-        return "No run yet: upload data, then press Start.", EMPTY_CHART
+        return "No run yet: upload data, then press Start.", None
     try:
         run = get_run(run_name)
     except RunnerError as exc:
-        return f"⚠️ {exc}", EMPTY_CHART
+        return f"⚠️ {exc}", None
     return status_markdown(run.read_status(), run.read_metrics()) + queue_note(), \
         chart_frame(run.read_metrics())
 
 
-def chart_frame(metrics: list[dict]) -> pd.DataFrame:
+def chart_frame(metrics: list[dict]) -> pd.DataFrame | None:
     points = [{"step": m["step"], "loss": m["loss"], "series": "train"} for m in metrics
               if m.get("loss") is not None]
     points += [{"step": m["step"], "loss": m["eval_loss"], "series": "eval"} for m in metrics
                if m.get("eval_loss") is not None]
-    return pd.DataFrame(points) if points else EMPTY_CHART
+    # None, not an empty frame: after an empty frame Gradio's plot draws no later data.
+    return pd.DataFrame(points) if points else None
 
 
 def status_markdown(status: dict, metrics: list[dict]) -> str:
@@ -246,12 +245,21 @@ def build(hardware: dict, data: dict) -> dict:
     run = gr.Dropdown(choices=run_choices(), value=default_run(), label="Run", elem_id="run-choice",
                       allow_custom_value=True)
     status = gr.Markdown(elem_id="run-status")
-    chart = gr.LinePlot(EMPTY_CHART, x="step", y="loss", color="series", title="Loss",
+    chart = gr.LinePlot(None, x="step", y="loss", color="series", title="Loss",
                         height=320, elem_id="loss-chart")
     timer = gr.Timer(2.0)
 
+    # One max sequence length: the Data tab's statistics use the same value the run trains with.
+    data["max_seq_len"].value = defaults.max_seq_len
+    by_field["max_seq_len"].change(lambda n: n, by_field["max_seq_len"], data["max_seq_len"],
+                                   api_name=False, show_progress="hidden")
+    data["max_seq_len"].input(lambda n: n, data["max_seq_len"], by_field["max_seq_len"],
+                              api_name=False, show_progress="hidden")
+
     inputs = [recipe, hardware["model"], hardware["custom_model"], data["data_path"], data["template"]]
-    start_button.click(start, inputs + components, [run, message], api_name="start_training")
+    data_inputs = [data["config_inputs"][field] for field in DATA_FIELDS]
+    start_button.click(start, inputs + components + data_inputs, [run, message],
+                       api_name="start_training")
     stop_button.click(stop, run, message, api_name="stop_training")
     resume_button.click(resume, run, message, api_name="resume_training")
     run.change(show_run, run, [status, chart], api_name="run_status")

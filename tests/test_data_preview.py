@@ -77,7 +77,10 @@ def test_data_tab_check_shows_summary_preview_and_statistics(tmp_path, data_dir,
     assert "1 bad rows are skipped" in summary
     assert ("── row at line 1 ──\n", None) in preview and any(label == TRAINED for _, label in preview)
     assert "2 rows" in stats and "1 duplicate rows" in stats
-    assert list(histogram.columns) == ["tokens", "rows", "length"] and histogram["rows"].sum() == 2
+    frame = histogram.value  # a BarPlot update: the bars in length order
+    assert frame["columns"] == ["tokens", "rows", "length"]
+    assert sum(row[1] for row in frame["data"]) == 2
+    assert histogram.sort == [row[0] for row in frame["data"]]
     assert calls and calls[-1] == 1.0
 
 

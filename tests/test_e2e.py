@@ -51,19 +51,23 @@ def test_python_client_checks_data_starts_stops_and_chats(app, facts_file, tmp_p
     client = Client(app.url, verbose=False)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(facts_file.read_text().splitlines()[0] + "\n{not json\n")
-    summary, _ = client.predict(handle_file(str(bad)), "guanaco", "embedded", "",
-                                api_name="/check_data")
+    def check(path):
+        return client.predict(file=handle_file(str(path)), hub_id="", columns="", custom_model="",
+                              api_name="/check_data")
+
+    summary, *_ = check(bad)
     assert "line 2" in summary and "invalid JSON" in summary
 
-    summary, preview = client.predict(handle_file(str(facts_file)), "guanaco", "embedded", "",
-                                      api_name="/check_data")
+    summary, preview, stats, _ = check(facts_file)
     assert "30 rows" in summary and "chat" in summary
     trained = "".join(p["token"] for p in preview if p["class_or_confidence"] == "trained")
     assert FACTS[0]["answer"] in trained  # the answer is what the loss is on
+    assert "tokens" in stats
 
-    # The uploaded file lives in the client's session; the form keeps the recipe's values.
+    # The uploaded file lives in the client's session; the form keeps the recipe's values
+    # (param_22 is the csv column mapping, which has no default).
     run, message = client.predict(recipe="quick-test", model_choice="embedded", custom_model="",
-                                  template="guanaco", api_name="/start_training")
+                                  template="guanaco", param_22="", api_name="/start_training")
     assert "Started run" in message, message
     run_name = run if isinstance(run, str) else run["value"]
 
@@ -74,8 +78,11 @@ def test_python_client_checks_data_starts_stops_and_chats(app, facts_file, tmp_p
 
     wait_until(stepping, TRAINING_TIMEOUT_S, "two training steps")
     assert "stop requested" in client.predict(run_name, api_name="/stop_training")
-    status = wait_until(lambda: (t := client.predict(run_name, api_name="/run_status")[0])
-                        if "stopped" in t else None, 120, "the run to stop")
+    def stopped():
+        text, _ = client.predict(run_name, api_name="/run_status")
+        return text if "stopped" in text else None
+
+    status = wait_until(stopped, 120, "the run to stop")
     assert "adapter saved" in status
     assert (app.data_dir / "runs" / run_name / "adapter" / "adapter_model.safetensors").is_file()
 
