@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `... | head` closed the pipe: what was asked for is printed
+        sys.stderr.close()  # and Python's own flush at exit must not complain about it either
+        return 0
 
 
 def cmd_hardware(args) -> int:

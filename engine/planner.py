@@ -9,10 +9,12 @@ What our engine does (engine/train.py), and what each part below charges for it:
   4 bits + 8-bit absmax per 64 + fp32 second-level constant per 256*64 = 4.127 bits per weight.
   Embeddings, the output head and norms stay unquantized.
 - peft's prepare_model_for_kbit_training casts every non-4-bit parameter to fp32 (peft 0.21,
-  utils/other.py): embeddings, head and norms cost 4 bytes each, and the residual stream that
-  leaves an fp32 embedding stays fp32, so gradient checkpoints cost 4 bytes per hidden unit.
-- Under bf16 autocast the fp32 head is cast to a bf16 copy for its matmul, and that copy is saved
-  for backward: vocab * hidden * 2 bytes for the whole step.
+  utils/other.py); engine/train.py then casts the frozen embeddings and head back to the 16-bit
+  compute dtype, as the paper's qlora.py does. So they cost 2 bytes per weight, the residual
+  stream leaving a 16-bit embedding is 16-bit (gradient checkpoints: 2 bytes per hidden unit),
+  and no 16-bit copy of the head is made under autocast. HF_PEFT_STACK is the plain Hugging Face
+  recipe without that cast: fp32 embeddings, head and residual, plus a bf16 copy of the head
+  (vocab * hidden * 2 bytes) saved for backward.
 - LoRA adapters (all linear layers) are fp32: weight 4 + gradient 4 + AdamW 32-bit state 8 bytes.
 - transformers 5.23's ForCausalLMLoss upcasts logits to fp32 (`logits.float()`, loss_utils.py)
   and cross_entropy keeps fp32 log-probabilities for backward: with the bf16 logits and the fp32
@@ -24,11 +26,11 @@ What our engine does (engine/train.py), and what each part below charges for it:
 
 Calibration (tests/test_planner.py holds each within the tolerance named there):
 - Unsloth's linear fit for Llama-3.1-8B QLoRA r=32 batch 1 with Hugging Face + FlashAttention-2
-  (the stack closest to ours): about 9.7 GB + 2.5 MB per token of torch-reserved memory. The two
+  (HF_PEFT_STACK: ours without the cast back): about 9.7 GB + 2.5 MB per token of torch-reserved memory. The two
   layer constants were set so our slope lands on 2.5 MB/token; the intercept (no constant fitted)
   comes out at 9.7 GiB. Both within 10%.
-- Unsloth's own stack, same model: 7.4 GB intercept. Our model with the fp32 upcast turned off
-  (Unsloth keeps embeddings in bf16) gives 6.8 GiB: within 10%. Its 0.21 MB/token slope comes from
+- Unsloth's own stack, same model: 7.4 GB intercept. The model with 16-bit embeddings (ours, and
+  Unsloth's) gives 6.8 GiB: within 10%. Its 0.21 MB/token slope comes from
   offloading checkpoints to CPU RAM and a fused loss, which we do not do; not modelled.
 - The QLoRA paper (reference qlora.py: LoRA in bf16, embeddings bf16, paged AdamW): LLaMA 33B in
   about 21 GB and 65B under 48 GB at batch 1 x 512 tokens, r=64. Paged optimizer state lives in
@@ -77,7 +79,8 @@ class Stack:
     lora_modules: str = "all-linear"  # or "attn-qv+o+mlp" (torchtune's default)
 
 
-OUR_STACK = Stack()
+OUR_STACK = Stack(upcast_fp32=False)  # engine/train.py casts embeddings and head back to 16 bits
+HF_PEFT_STACK = Stack()  # transformers + peft as their docs show it: fp32 embeddings and head
 PAPER_STACK = Stack(upcast_fp32=False, lora_bytes=4, optimizer_resident=False)
 UNSLOTH_STACK = Stack(upcast_fp32=False)
 TORCHTUNE_STACK = Stack(upcast_fp32=False, lora_bytes=4, optimizer_bytes=4,

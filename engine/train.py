@@ -120,6 +120,7 @@ def _train(run: RunDir, cfg: RunConfig, resume: bool) -> str:
         model, use_gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
+    _frozen_embeddings_to(model, dtype)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.lora_target, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
@@ -195,6 +196,21 @@ def _train(run: RunDir, cfg: RunConfig, resume: bool) -> str:
     run.write_status(state=state, message=message, step=step, eta_s=0)
     log.info(message)
     return state
+
+
+def _frozen_embeddings_to(model, dtype) -> None:
+    """peft's prepare_model_for_kbit_training upcasts every unquantized weight to fp32. For the
+    frozen embeddings and output head that only doubles their memory (Llama 3's 128K vocabulary:
+    4.2 GB instead of 2.1 GB, plus a 16-bit copy of the head under autocast), so they go back to the
+    compute dtype, as the QLoRA paper's own qlora.py does. Norms stay fp32: tiny, and where the
+    precision matters."""
+    import torch
+
+    if dtype == torch.float32:
+        return
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if module is not None:
+            module.to(dtype)
 
 
 def _resume_point(run: RunDir):

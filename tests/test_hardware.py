@@ -112,7 +112,7 @@ def test_12_gb_fits_gpt_j_but_not_neox():
 def test_24_gb_fits_neox_20b():
     # the QLoRA paper: a 20B GPT-NeoX fine-tunes in 24 GB
     assert "gpt-neox-20b" in ids(24)
-    assert ids(24)[0] == "gpt-neox-20b"  # largest first
+    assert ids(24).index("gpt-neox-20b") <= 1  # largest first: only a 33B may come before it
 
 
 def test_too_little_memory_recommends_nothing():

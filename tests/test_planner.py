@@ -20,7 +20,7 @@ GB = 1e9 / 1024**3  # one decimal gigabyte in GiB
 LLAMA31 = find("llama-3.1-8b")
 
 
-def fit_line(model, lengths=(1024, 3072), lora_r=32, stack=planner.OUR_STACK, reserved=True):
+def fit_line(model, lengths=(1024, 3072), lora_r=32, stack=planner.HF_PEFT_STACK, reserved=True):
     """Intercept (GiB) and slope (MB per token) of torch-reserved memory at micro-batch 1."""
     low, high = (plan(model, n, 1, lora_r, stack=stack) for n in lengths)
     # torch's counters omit the CUDA context; we count the optimizer as resident here, because
@@ -40,8 +40,9 @@ def test_unsloth_hf_fa2_line_for_llama_31_8b():
     assert fit_line(LLAMA31, reserved=False)[0] == pytest.approx(9.7, rel=0.10)
     # Unsloth's own stack starts 2.3 GB lower (7.4 GB): most of that gap is the fp32 copy of the
     # embeddings and head that peft's prepare_model_for_kbit_training makes; the same model with
-    # bf16 embeddings must come out at least 2 GB lower.
+    # bf16 embeddings (Unsloth's, and ours: engine/train.py casts them back) is 2 GB lower or more.
     assert intercept - fit_line(LLAMA31, stack=UNSLOTH_STACK)[0] > 2.0
+    assert intercept - fit_line(LLAMA31, stack=planner.OUR_STACK)[0] > 2.0
 
 
 def test_qlora_paper_33b_and_65b():
@@ -97,10 +98,12 @@ def ids(vram):
 
 def test_12_gb_card():
     picks = recommend(12)
-    assert {"gpt-j-6b", "mistral-7b", "llama-2-7b"} <= set(ids(12))
-    assert not {"gpt-neox-20b", "qwen2.5-14b", "llama-2-13b"} & set(ids(12))
+    assert {"gpt-j-6b", "mistral-7b", "llama-2-7b", "llama-3.1-8b"} <= set(ids(12))
+    assert not {"gpt-neox-20b", "qwen2.5-14b"} & set(ids(12))
+    # A 13B model fits only at short lengths (hobbyists report the same on a 3060 12 GB).
+    assert all(p.max_seq_len <= 1024 for p in picks if p.model.total_params > 12e9)
     gptj = next(p for p in picks if p.model.id == "gpt-j-6b")
-    assert gptj.why == f"GPT-J 6B: {gptj.total_gb:.1f} GB of 12 GB at {gptj.max_seq_len} tokens"
+    assert gptj.why.startswith(f"GPT-J 6B: {gptj.total_gb:.1f} GB of 12 GB at {gptj.max_seq_len} tokens")
     for pick in picks:  # the longest length that fits: the next power of two does not
         assert plan(pick.model, pick.max_seq_len, pick.micro_batch, 16, 12).fits
         if pick.max_seq_len * 2 <= min(pick.model.max_context, 8192):
@@ -110,16 +113,21 @@ def test_12_gb_card():
     assert sizes == sorted(sizes, reverse=True)
 
 
-def test_llama_31_8b_on_12_gb_is_told_honestly():
-    # Our stack keeps Llama 3's 128K-vocabulary embeddings and head in fp32 (4.2 GB): at 1024
-    # tokens that does not fit 12 GB, while the same model with bf16 embeddings would.
-    assert not plan(LLAMA31, 1024, 1, 16, vram_gb=12).fits
-    assert plan(LLAMA31, 1024, 1, 16, vram_gb=12, stack=UNSLOTH_STACK).fits
+def test_llama_31_8b_fits_12_gb_because_embeddings_stay_16_bit():
+    # Llama 3's 128K-vocabulary embeddings and head in fp32 (peft's default, 4.2 GB) would not fit
+    # 12 GB at 1024 tokens; engine/train.py keeps them in bf16 (2.1 GB), and then it fits.
+    assert not plan(LLAMA31, 1024, 1, 16, vram_gb=12, stack=planner.HF_PEFT_STACK).fits
+    assert plan(LLAMA31, 1024, 1, 16, vram_gb=12).fits
+    assert "llama-3.1-8b" in ids(12)
 
 
-def test_24_gb_card_puts_gpt_neox_20b_first():
-    assert ids(24)[0] == "gpt-neox-20b"
-    assert "llama-33b" not in ids(24)
+def test_24_gb_card_fits_gpt_neox_20b_and_33b_at_short_lengths():
+    # The paper: GPT-NeoX 20B in 24 GB, and Guanaco 33B trained on one 24 GB consumer GPU.
+    picks = {p.model.id: p for p in recommend(24)}
+    assert ids(24)[:2] == ["llama-33b", "gpt-neox-20b"]  # largest first
+    assert picks["gpt-neox-20b"].max_seq_len >= 2048
+    assert picks["llama-33b"].max_seq_len <= 1024
+    assert "llama-65b" not in picks and "llama-2-70b" not in picks
 
 
 def test_8_gb_card_gets_smaller_models():
@@ -226,5 +234,5 @@ def test_cli_plan_and_recommend_json(tmp_path):
     out, err, code = results["recommend"]
     assert code == 0, err
     picks = json.loads(out)
-    assert picks[0]["model"] == "gpt-neox-20b"
+    assert "gpt-neox-20b" in [pick["model"] for pick in picks]
     assert all({"model", "max_seq_len", "micro_batch", "total_gb"} <= set(p) for p in picks)
