@@ -19,12 +19,13 @@ def build_ui() -> gr.Blocks:
             train = train_tab.build(hardware, data)
         with gr.Tab("Chat", id="chat") as chat_page:
             chat = chat_tab.build(hardware)
-        with gr.Tab("Runs", id="runs"):
+        with gr.Tab("Runs", id="runs") as runs_page:
             runs = runs_tab.build()
         # A reload (or a restarted UI) finds the running or latest run again from the run dirs.
         demo.load(train["on_load"], outputs=train["run"], api_name=False)
         demo.load(chat["refresh"], outputs=chat["target"], api_name=False)
         # A run that finished since the page loaded is offered as soon as the Chat tab opens.
         chat_page.select(chat["refresh"], outputs=chat["target"], api_name=False)
+        runs_page.select(runs["refresh"], outputs=runs["views"], api_name=False)
         demo.load(runs["refresh"], outputs=runs["views"], api_name=False)
     return demo

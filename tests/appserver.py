@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,6 +59,23 @@ class AppServer:
             self.process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.process.kill()
-        # Training processes are started in their own session: ask any still running to stop.
-        for status in (self.data_dir / "runs").glob("*/status.json"):
-            (status.parent / "stop.request").write_text("test over")
+        kill_training_processes(self.data_dir)
+
+
+def kill_training_processes(data_dir: Path) -> None:
+    """Kill the training processes of the runs under data_dir: the runner starts each in its own
+    session, so the UI's (or a test's) end does not end them."""
+    for status_file in (data_dir / "runs").glob("*/status.json"):
+        try:
+            status = json.loads(status_file.read_text())
+            pid = int(status.get("pid") or 0)
+            # Only a spawned run leads its own process group; a run trained inside this test
+            # process records this process's pid, which must live on. A pid reused since is
+            # told apart by its start time.
+            created = status.get("pid_created")
+            if (not pid or pid == os.getpid() or os.getpgid(pid) != pid
+                    or (created and abs(psutil.Process(pid).create_time() - created) > 1)):
+                continue
+            os.killpg(pid, signal.SIGKILL)
+        except (OSError, ValueError, psutil.Error):
+            pass

@@ -31,11 +31,15 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def data_dir(tmp_path, monkeypatch):
-    """A fresh data directory (runs, uploads) for one test."""
+    """A fresh data directory (runs, uploads) for one test; training processes the test started
+    (queued runs start themselves) are killed afterwards, even when the test failed."""
+    from appserver import kill_training_processes
+
     path = tmp_path / "data"
     path.mkdir()
     monkeypatch.setenv("QLS_DATA_DIR", str(path))
-    return path
+    yield path
+    kill_training_processes(path)
 
 
 @pytest.fixture(scope="session")

@@ -126,6 +126,10 @@ def test_browser_upload_train_reload_and_chat(app, facts_file):
         page.locator("#data-upload input[type=file]").set_input_files(str(facts_file))
         expect(page.locator("#data-summary")).to_contain_text("30 rows")
         expect(page.locator("#data-preview")).to_contain_text("Mirrowgate")
+        expect(page.locator("#data-stats")).to_contain_text("tokens per epoch")
+        # The token-length histogram draws its bars (one SVG path each).
+        wait_until(lambda: page.locator("#token-histogram svg .mark-rect path").count() > 0, 30,
+                   "the histogram's bars")
         screenshot(page, "data")
 
         page.get_by_role("tab", name="Train").click()
@@ -154,4 +158,11 @@ def test_browser_upload_train_reload_and_chat(app, facts_file):
         page.locator("#chat-input textarea").press("Enter")
         expect(page.locator("#chatbot")).to_contain_text(fact["keyword"], timeout=120_000)
         screenshot(page, "chat")
+
+        # The runs page lists both of this app's runs (the client test's stopped one, this one).
+        page.get_by_role("tab", name="Runs").click()
+        expect(page.locator("#runs-table")).to_contain_text(run_name)
+        expect(page.locator("#runs-table")).to_contain_text("stopped")
+        expect(page.locator("#runs-table")).to_contain_text("finished")  # refreshed on opening
+        screenshot(page, "runs")
         browser.close()

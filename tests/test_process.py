@@ -40,11 +40,14 @@ def test_stop_saves_adapter_and_the_queued_run_starts_by_itself(data_dir, facts_
     assert (run.adapter_dir / "prompt_template.json").is_file()
     assert run.latest_checkpoint() is not None  # resumable, although save_steps was never reached
     assert [m["step"] for m in run.read_metrics() if m.get("loss") is not None][-1] == status["step"]
-    # The stopped run's own process handed the GPU on: no UI took part.
-    assert "started the next queued run" in run.log_tail(10)
-    assert queued_runs() == []
-    started = wait_for(second, lambda s: s["state"] != "queued", timeout=30)
+    # The stopped run's own process hands the GPU on after its status says stopped: no UI takes part.
+    started = wait_for(second, lambda s: s["state"] != "queued", timeout=60)
     assert started["state"] == "running" and started["pid"] != status["pid"]
+    assert queued_runs() == []
+    deadline = time.time() + 30
+    while "started the next queued run" not in run.log_tail(10) and time.time() < deadline:
+        time.sleep(0.5)
+    assert "started the next queued run" in run.log_tail(10)
     os.kill(started["pid"], signal.SIGKILL)  # its own training is not this test's subject
 
 
