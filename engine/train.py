@@ -3,16 +3,15 @@
     python -m engine train RUN_DIR        (what the job runner spawns)
 
 Load the 4-bit base model, add LoRA to every linear layer, tokenise the conversations with loss
-on assistant tokens only, and hand all of it to transformers' Trainer. The callback below is the
-only bridge to the UI: it writes status.json and metrics.jsonl and honours stop requests.
+on assistant tokens only, and hand all of it to transformers' Trainer. Its callback
+(engine/callback.py) is the only bridge to the UI: it writes status.json and metrics.jsonl and
+honours stop requests; engine/faults.py puts what went wrong into words.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -20,11 +19,13 @@ import time
 import traceback
 
 import psutil
-from transformers import PrinterCallback, TrainerCallback
+from transformers import PrinterCallback
 
 from engine import checkpoints
+from engine.callback import StudioCallback
 from engine.config import ConfigError, RunConfig
 from engine.data import DataError, load_conversations
+from engine.faults import disk_message, is_disk_problem, is_out_of_memory, oom_message
 from engine.models import (
     ModelError,
     compute_dtype,
@@ -68,13 +69,13 @@ def _train_with_retries(run: RunDir, resume: bool) -> str:
         except KNOWN_ERRORS as exc:
             return _fail(run, str(exc))
         except Exception as exc:  # noqa: BLE001 - anything else still ends as a readable status
-            if not _is_out_of_memory(exc):
-                if _is_disk_problem(exc):
-                    return _fail(run, _disk_message(run, exc))
+            if not is_out_of_memory(exc):
+                if is_disk_problem(exc):
+                    return _fail(run, disk_message(run, exc))
                 log.error("unexpected error:\n%s", traceback.format_exc())
                 return _fail(run, f"unexpected error: {type(exc).__name__}: {exc} (details in train.log)")
             if cfg.micro_batch_size <= 1:
-                return _fail(run, _oom_message(run, cfg))
+                return _fail(run, oom_message(run, cfg))
         # Retry outside the except block: the exception's frames hold the failed attempt's tensors.
         _free_memory()
         cfg = _halve_micro_batch(run, cfg)
@@ -324,124 +325,3 @@ def _free_memory() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _is_out_of_memory(exc: Exception) -> bool:
-    return "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError"
-
-
-def _is_disk_problem(exc: Exception) -> bool:
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES,
-                                                  errno.EROFS, errno.EPERM):
-        return True
-    # torch.save and safetensors report a failed write in their own words, not as OSError.
-    text = str(exc)
-    return any(words in text for words in ("No space left", "StorageFull", "file write failed",
-                                           "Permission denied", "Read-only file system"))
-
-
-def _disk_message(run: RunDir, exc: Exception) -> str:
-    last = run.latest_checkpoint()
-    kept = (f"the last complete checkpoint ({last.name}) is intact" if last
-            else "no checkpoint had been completed yet")
-    reason = ("the disk is full" if "space" in str(exc).lower() or getattr(exc, "errno", None)
-              in (errno.ENOSPC, errno.EDQUOT) else "the run folder is not writable")
-    return (f"could not write to {run.path}: {reason} ({exc}). {kept[0].upper() + kept[1:]}. "
-            "Free some space (or fix the folder's permissions), then press Resume")
-
-
-def _oom_message(run: RunDir, cfg: RunConfig) -> str:
-    step = run.read_status().get("step", 0)
-    return (f"GPU out of memory at step {step} with sequence length {cfg.max_seq_len} and "
-            f"micro-batch {cfg.micro_batch_size}, already the smallest: lower max_seq_len to "
-            f"{cfg.max_seq_len // 2}, or LoRA rank (now {cfg.lora_r}), or pick a smaller model")
-
-
-class StudioCallback(TrainerCallback):
-    """Writes status.json and metrics.jsonl for the UI, turns stop requests into a clean stop,
-    checkpoints by wall time as well as by steps, marks checkpoints complete, and stops on NaN."""
-
-    def __init__(self, run: RunDir, device: str, save_every_s: float = 600):
-        self.run = run
-        self.device = device
-        self.save_every_s = save_every_s
-        self.stop_seen = False
-        self.bad_loss = ""
-        self.started = self.last_save = time.time()
-        self.first_step = 0
-        self.last_log = (self.started, 0)  # (time, tokens seen) at the previous log
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.started = self.last_save = time.time()
-        self.first_step = state.global_step  # above 0 on resume: the ETA counts this session's pace
-        self.last_log = (self.started, state.num_input_tokens_seen)
-        self.run.write_status(step=state.global_step, total_steps=state.max_steps, elapsed_s=0)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        now = time.time()
-        elapsed = now - self.started
-        done = max(state.global_step - self.first_step, 1)
-        eta = elapsed / done * (state.max_steps - state.global_step)
-        if now - self.last_save >= self.save_every_s:
-            control.should_save = True  # a slow run still never loses more than save_minutes
-        if self.run.stop_requested() and not self.stop_seen:
-            self.stop_seen = True
-            control.should_training_stop = True
-            control.should_save = True  # Trainer writes a checkpoint before it returns
-            self.run.write_status(state="stopping", message="stopping: saving the adapter")
-        self.run.write_status(step=state.global_step, total_steps=state.max_steps,
-                              epoch=state.epoch, elapsed_s=round(elapsed, 1),
-                              eta_s=None if math.isnan(eta) else round(eta, 1))
-
-    def on_save(self, args, state, control, model=None, **kwargs):
-        self.last_save = time.time()
-        path = self.run.checkpoints_dir / f"{checkpoints.PREFIX}{state.global_step}"
-        params = [p for p in model.parameters() if p.requires_grad] if model is not None else []
-        problem = checkpoints.problem(path, params)
-        if problem:
-            # Never leave a checkpoint a resume could pick up that is broken or holds NaN weights.
-            shutil.rmtree(path, ignore_errors=True)
-            log.error("checkpoint %s discarded: %s", path.name, problem)
-            if "finite" in problem and not self.bad_loss:
-                self.bad_loss = f"the adapter weights became NaN/inf at step {state.global_step}"
-                control.should_training_stop = True
-            return
-        checkpoints.mark_complete(path)
-        log.info("saved %s", path.name)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = logs or {}
-        if "loss" not in logs and "eval_loss" not in logs:
-            return  # the end-of-training summary, not a step
-        loss = logs.get("loss")
-        if not checkpoints.finite(loss) and not self.bad_loss:
-            # Every later step would be NaN too, and a checkpoint now would keep broken weights.
-            self.bad_loss = f"the training loss became {loss} at step {state.global_step}"
-            control.should_training_stop = True
-            control.should_save = False
-        now = time.time()
-        last_time, last_tokens = self.last_log
-        tokens = state.num_input_tokens_seen
-        self.last_log = (now, tokens)
-        record = {
-            "step": state.global_step,
-            "epoch": round(state.epoch or 0, 4),
-            "loss": loss if checkpoints.finite(loss) else None,
-            "eval_loss": logs.get("eval_loss"),
-            "lr": logs.get("learning_rate"),
-            "grad_norm": logs.get("grad_norm") if checkpoints.finite(logs.get("grad_norm")) else None,
-            "tokens_per_s": round((tokens - last_tokens) / max(now - last_time, 1e-6), 1)
-            if "loss" in logs else None,
-            "gpu_mem_gb": _gpu_memory_gb() if self.device == "cuda" else None,
-            "ram_gb": round(psutil.Process().memory_info().rss / 1024**3, 2),
-            "time": round(now, 2),
-        }
-        self.run.append_metric(record)
-        log.info("step %s: %s", state.global_step,
-                 ", ".join(f"{k}={v}" for k, v in record.items() if v is not None and k != "time"))
-
-
-def _gpu_memory_gb() -> float:
-    import torch
-
-    return round(torch.cuda.max_memory_allocated() / 1024**3, 2)

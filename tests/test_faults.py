@@ -15,7 +15,8 @@ from engine import checkpoints
 from engine.config import RunConfig, load_recipe
 from engine.models import ModelError, _explained
 from engine.runner import create_run
-from engine.train import _disk_message, _is_disk_problem, run_training
+from engine.faults import disk_message, is_disk_problem
+from engine.train import run_training
 
 
 def tiny(facts_file, **overrides) -> RunConfig:
@@ -189,8 +190,8 @@ def test_hub_errors_are_explained(error, words):
 def test_unwritable_run_dir_is_explained(data_dir, tmp_path):
     run = create_run(RunConfig(data_path=str(tmp_path / "x.jsonl")), name="ro")
     exc = PermissionError(errno.EACCES, "Permission denied")
-    assert _is_disk_problem(exc)
-    assert _is_disk_problem(RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"))
-    assert not _is_disk_problem(ValueError("shapes do not match"))
-    message = _disk_message(run, exc)
+    assert is_disk_problem(exc)
+    assert is_disk_problem(RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"))
+    assert not is_disk_problem(ValueError("shapes do not match"))
+    message = disk_message(run, exc)
     assert "not writable" in message and "No checkpoint had been completed yet" in message

@@ -1,0 +1,108 @@
+"""The bridge between transformers' Trainer and the UI: a TrainerCallback that writes status.json
+and metrics.jsonl, turns a stop request into a clean stop, checkpoints by wall time as well as by
+steps, marks each checkpoint complete (or discards a broken one), and stops on a NaN/inf loss."""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+
+import psutil
+from transformers import TrainerCallback
+
+from engine import checkpoints
+from engine.rundir import RunDir
+
+log = logging.getLogger("engine.train")
+
+
+class StudioCallback(TrainerCallback):
+    """Writes status.json and metrics.jsonl for the UI, turns stop requests into a clean stop,
+    checkpoints by wall time as well as by steps, marks checkpoints complete, and stops on NaN."""
+
+    def __init__(self, run: RunDir, device: str, save_every_s: float = 600):
+        self.run = run
+        self.device = device
+        self.save_every_s = save_every_s
+        self.stop_seen = False
+        self.bad_loss = ""
+        self.started = self.last_save = time.time()
+        self.first_step = 0
+        self.last_log = (self.started, 0)  # (time, tokens seen) at the previous log
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = self.last_save = time.time()
+        self.first_step = state.global_step  # above 0 on resume: the ETA counts this session's pace
+        self.last_log = (self.started, state.num_input_tokens_seen)
+        self.run.write_status(step=state.global_step, total_steps=state.max_steps, elapsed_s=0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.time()
+        elapsed = now - self.started
+        done = max(state.global_step - self.first_step, 1)
+        eta = elapsed / done * (state.max_steps - state.global_step)
+        if now - self.last_save >= self.save_every_s:
+            control.should_save = True  # a slow run still never loses more than save_minutes
+        if self.run.stop_requested() and not self.stop_seen:
+            self.stop_seen = True
+            control.should_training_stop = True
+            control.should_save = True  # Trainer writes a checkpoint before it returns
+            self.run.write_status(state="stopping", message="stopping: saving the adapter")
+        self.run.write_status(step=state.global_step, total_steps=state.max_steps,
+                              epoch=state.epoch, elapsed_s=round(elapsed, 1),
+                              eta_s=None if math.isnan(eta) else round(eta, 1))
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        self.last_save = time.time()
+        path = self.run.checkpoints_dir / f"{checkpoints.PREFIX}{state.global_step}"
+        params = [p for p in model.parameters() if p.requires_grad] if model is not None else []
+        problem = checkpoints.problem(path, params)
+        if problem:
+            # Never leave a checkpoint a resume could pick up that is broken or holds NaN weights.
+            shutil.rmtree(path, ignore_errors=True)
+            log.error("checkpoint %s discarded: %s", path.name, problem)
+            if "finite" in problem and not self.bad_loss:
+                self.bad_loss = f"the adapter weights became NaN/inf at step {state.global_step}"
+                control.should_training_stop = True
+            return
+        checkpoints.mark_complete(path)
+        log.info("saved %s", path.name)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" not in logs and "eval_loss" not in logs:
+            return  # the end-of-training summary, not a step
+        loss = logs.get("loss")
+        if not checkpoints.finite(loss) and not self.bad_loss:
+            # Every later step would be NaN too, and a checkpoint now would keep broken weights.
+            self.bad_loss = f"the training loss became {loss} at step {state.global_step}"
+            control.should_training_stop = True
+            control.should_save = False
+        now = time.time()
+        last_time, last_tokens = self.last_log
+        tokens = state.num_input_tokens_seen
+        self.last_log = (now, tokens)
+        record = {
+            "step": state.global_step,
+            "epoch": round(state.epoch or 0, 4),
+            "loss": loss if checkpoints.finite(loss) else None,
+            "eval_loss": logs.get("eval_loss"),
+            "lr": logs.get("learning_rate"),
+            "grad_norm": logs.get("grad_norm") if checkpoints.finite(logs.get("grad_norm")) else None,
+            "tokens_per_s": round((tokens - last_tokens) / max(now - last_time, 1e-6), 1)
+            if "loss" in logs else None,
+            "gpu_mem_gb": _gpu_memory_gb() if self.device == "cuda" else None,
+            "ram_gb": round(psutil.Process().memory_info().rss / 1024**3, 2),
+            "time": round(now, 2),
+        }
+        self.run.append_metric(record)
+        log.info("step %s: %s", state.global_step,
+                 ", ".join(f"{k}={v}" for k, v in record.items() if v is not None and k != "time"))
+
+
+def _gpu_memory_gb() -> float:
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 1024**3, 2)
