@@ -68,21 +68,20 @@ def start(recipe, model_choice, custom_model, data_path, template, *values):
 
 
 def stop(run_name):
-    if not run_name:
-        return "No run selected."
-    try:
-        return stop_run(get_run(run_name))
-    except RunnerError as exc:
-        return f"⚠️ {exc}"
+    return _on_run(run_name, stop_run)
 
 
 # --- resume and the queue (one training job per GPU; the Runs tab reorders and cancels) ---------
 
 def resume(run_name):
+    return _on_run(run_name, resume_run)
+
+
+def _on_run(run_name, action) -> str:
     if not run_name:
         return "No run selected."
     try:
-        return resume_run(get_run(run_name))
+        return action(get_run(run_name))
     except RunnerError as exc:
         return f"⚠️ {exc}"
 

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from engine.data import DataError, load_conversations, read_dataset
+from roles import assistant, system, user
 
 
 def write_rows(path, rows):
@@ -13,18 +14,6 @@ def write_rows(path, rows):
     lines = [row if isinstance(row, str) else json.dumps(row) for row in rows]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
-
-
-def system(text):
-    return {"role": "system", "content": text}
 
 
 # --- every supported format normalises to messages --------------------------------------------

@@ -7,18 +7,7 @@ import time
 import pytest
 
 from engine.data import DataError, load_conversations, read_dataset
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
-
-
-def system(text):
-    return {"role": "system", "content": text}
+from roles import assistant, system, user
 
 
 def write_jsonl(path, rows):
