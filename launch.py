@@ -50,6 +50,7 @@ The app's own flags:
   --auth USER:PASS   require a login
   --no-browser       do not open a browser tab
   --data-dir DIR     where runs, uploads and the model cache live (default ./data)
+  --insecure         allow --host/--share without --auth (refused otherwise)
 Put -- before flags meant for the app or pytest that launch.py would otherwise take,
 e.g. `python launch.py -- --help` (the app's help) or `python launch.py --test -- --help`."""
 

@@ -171,8 +171,9 @@ def _train(run: RunDir, cfg: RunConfig, resume: bool) -> str:
         callbacks=[callback],
     )
     trainer.remove_callback(PrinterCallback)  # our callback already logs each step, readably
-    run.write_status(message=f"training on {device} with {optimizer}, compute {str(dtype)[6:]}",
-                     device=device, optimizer=optimizer)
+    setup = f"training on {device} with {optimizer}, compute {str(dtype)[6:]}"
+    log.info(setup)
+    run.write_status(message=setup, device=device, optimizer=optimizer)
     checkpoint = _resume_point(run) if resume else None
     # Steps past the checkpoint are trained again: their old chart points go (a fresh start: all).
     run.drop_metrics_after(checkpoints.step_of(checkpoint) if checkpoint else 0)

@@ -44,40 +44,48 @@ def wait_until(check, timeout: float, what: str, interval: float = 1.0):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def check(client, path):
+    from gradio_client import handle_file
+
+    return client.predict(file=handle_file(str(path)), hub_id="", columns="", custom_model="",
+                          api_name="/check_data")
+
+
+def start_quick_test(client) -> str:
+    """Start the quick-test recipe on the file this client's session uploaded; the run's name."""
+    # The form keeps the recipe's values (param_22 is the csv column mapping: it has no default).
+    run, message = client.predict(recipe="quick-test", model_choice="embedded", custom_model="",
+                                  template="guanaco", param_22="", api_name="/start_training")
+    assert "Started run" in message, message
+    return run if isinstance(run, str) else run["value"]
+
+
+def step_of(client, run_name) -> int:
+    text, _ = client.predict(run_name, api_name="/run_status")
+    match = re.search(r"step (\d+)/", text)
+    return int(match.group(1)) if match else 0
+
+
 @pytest.mark.slow
 def test_python_client_checks_data_starts_stops_and_chats(app, facts_file, tmp_path):
-    from gradio_client import Client, handle_file
+    from gradio_client import Client
 
     client = Client(app.url, verbose=False)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(facts_file.read_text().splitlines()[0] + "\n{not json\n")
-    def check(path):
-        return client.predict(file=handle_file(str(path)), hub_id="", columns="", custom_model="",
-                              api_name="/check_data")
-
-    summary, *_ = check(bad)
+    summary, *_ = check(client, bad)
     assert "line 2" in summary and "invalid JSON" in summary
 
-    summary, preview, stats, _ = check(facts_file)
+    summary, preview, stats, _ = check(client, facts_file)
     assert "30 rows" in summary and "chat" in summary
     trained = "".join(p["token"] for p in preview if p["class_or_confidence"] == "trained")
     assert FACTS[0]["answer"] in trained  # the answer is what the loss is on
     assert "tokens" in stats
 
-    # The uploaded file lives in the client's session; the form keeps the recipe's values
-    # (param_22 is the csv column mapping, which has no default).
-    run, message = client.predict(recipe="quick-test", model_choice="embedded", custom_model="",
-                                  template="guanaco", param_22="", api_name="/start_training")
-    assert "Started run" in message, message
-    run_name = run if isinstance(run, str) else run["value"]
-
-    def stepping():
-        text, _ = client.predict(run_name, api_name="/run_status")
-        match = re.search(r"step (\d+)/", text)
-        return text if match and int(match.group(1)) >= 2 else None
-
-    wait_until(stepping, TRAINING_TIMEOUT_S, "two training steps")
+    run_name = start_quick_test(client)  # the uploaded file lives in the client's session
+    wait_until(lambda: step_of(client, run_name) >= 2, TRAINING_TIMEOUT_S, "two training steps")
     assert "stop requested" in client.predict(run_name, api_name="/stop_training")
+
     def stopped():
         text, _ = client.predict(run_name, api_name="/run_status")
         return text if "stopped" in text else None
@@ -92,6 +100,37 @@ def test_python_client_checks_data_starts_stops_and_chats(app, facts_file, tmp_p
     reply = history[-1]
     assert reply["role"] == "assistant"
     assert "".join(part.get("text", "") for part in reply["content"]).strip()
+
+
+@pytest.mark.slow
+def test_a_restarted_ui_reattaches_to_the_running_job(tmp_path, facts_file, embedded_model):
+    from gradio_client import Client
+
+    data = tmp_path / "data"
+    data.mkdir()
+    servers = []
+    try:
+        first = AppServer(data)
+        servers.append(first)
+        first.wait_ready()
+        client = Client(first.url, verbose=False)
+        check(client, facts_file)
+        run_name = start_quick_test(client)
+        wait_until(lambda: step_of(client, run_name) >= 2, TRAINING_TIMEOUT_S, "two steps")
+        first.process.terminate()  # the UI alone: its training process lives in its own session
+        first.process.wait(timeout=30)
+
+        second = AppServer(data)
+        servers.append(second)
+        second.wait_ready()
+        client = Client(second.url, verbose=False)
+        before = step_of(client, run_name)
+        text, chart = client.predict(run_name, api_name="/run_status")
+        assert "running" in text and chart is not None  # the chart is there at once, not empty
+        wait_until(lambda: step_of(client, run_name) > before, 300, "training to go on")
+    finally:
+        for server in servers:
+            server.stop()  # also kills the run's training process
 
 
 def chart_points(page) -> int:
