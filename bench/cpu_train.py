@@ -1,0 +1,176 @@
+"""Our training engine against the reference QLoRA stack, same model, data and settings, on the CPU.
+
+    .venv/bin/python bench/cpu_train.py [--steps 30] [--out bench/cpu_train.md]
+
+The reference is the QLoRA recipe as transformers' and peft's docs give it: a 4-bit NF4 model with
+double quantization (bitsandbytes), peft's prepare_model_for_kbit_training, LoRA on all linear
+layers with the paper's r=64, alpha=16, dropout 0.1, transformers' Trainer with lr 2e-4 constant,
+max grad norm 0.3, gradient checkpointing, bf16. Ours is `engine.train.run_training` with the
+`paper` recipe (which differs only where engine/train.py says why). Each stack runs in its own
+process, so peak RSS is its own. Both see the same tokenised rows (tests/facts.py, guanaco format).
+On a CPU the paged optimizer does not exist: both use AdamW (torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+
+def common_config(data: Path, steps: int):
+    from engine.config import load_recipe
+
+    # micro-batch 4 x 1 keeps a CPU step short; the schedule is otherwise the paper's.
+    return load_recipe("paper", model="embedded", data_path=str(data), max_steps=steps,
+                       micro_batch_size=4, grad_accum_steps=1, max_seq_len=256,
+                       group_by_length=False, save_steps=10_000, warmup_ratio=0.0)
+
+
+def run_ours(data: Path, steps: int, work: Path) -> dict:
+    from engine.runner import create_run
+    from engine.train import run_training
+
+    run = create_run(common_config(data, steps), name="bench", parent=work)
+    started = time.time()
+    assert run_training(str(run.path)) == "finished", run.read_status()
+    losses = [m for m in run.read_metrics() if m.get("loss") is not None]
+    return {"seconds": time.time() - started, "final_loss": losses[-1]["loss"],
+            "tokens_per_s": _median([m["tokens_per_s"] for m in losses[1:]])}
+
+
+def run_reference(data: Path, steps: int, work: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq,
+                              Trainer, TrainerCallback, TrainingArguments)
+
+    from engine.data import load_conversations
+    from engine.models import ensure_embedded, load_tokenizer
+    from engine.templates import IGNORE_INDEX, encode, get_template
+
+    started = time.time()  # like run_training's wall time: loading included
+    cfg = common_config(data, steps)
+    source = str(ensure_embedded())
+    tokenizer = load_tokenizer(source)
+    template = get_template(cfg.template, tokenizer)
+    rows = [encode(tokenizer, template, row.messages, cfg.max_seq_len)
+            for row in load_conversations(str(data)).rows]
+    for row in rows:
+        row.pop("length")
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=quantization,
+                                                 dtype=torch.bfloat16, device_map={"": "cpu"})
+    model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                             lora_dropout=cfg.lora_dropout,
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    args = TrainingArguments(
+        output_dir=str(work / "reference"), per_device_train_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.grad_accum_steps, max_steps=steps, learning_rate=cfg.lr,
+        lr_scheduler_type="constant", max_grad_norm=cfg.max_grad_norm, optim="adamw_torch",
+        bf16=True, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=1, save_strategy="no", use_cpu=True, seed=cfg.seed, report_to="none",
+        disable_tqdm=True, include_num_input_tokens_seen="non_padding",
+    )
+    rates, losses, last = [], [], [time.time(), 0]
+
+    class Rate(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                now = time.time()
+                rates.append((state.num_input_tokens_seen - last[1]) / (now - last[0]))
+                losses.append(logs["loss"])
+                last[:] = [now, state.num_input_tokens_seen]
+
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True,
+                                                           label_pad_token_id=IGNORE_INDEX),
+                      callbacks=[Rate()])
+    trainer.train()
+    return {"seconds": time.time() - started, "final_loss": losses[-1],
+            "tokens_per_s": _median(rates[1:])}
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    return round(values[len(values) // 2], 1)
+
+
+def child(stack: str, steps: int) -> None:
+    from facts import write_facts
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        data = write_facts(work / "facts.jsonl")
+        result = (run_ours if stack == "ours" else run_reference)(data, steps, work)
+    result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)
+    print("RESULT " + json.dumps(result))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--out", type=Path, help="write the results as Markdown here")
+    parser.add_argument("--stack", choices=("ours", "reference"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.stack:
+        child(args.stack, args.steps)
+        return 0
+    results = {}
+    for stack in ("reference", "ours"):  # one after the other: they must not share the cores
+        out = subprocess.run([sys.executable, __file__, "--stack", stack, "--steps", str(args.steps)],
+                             capture_output=True, text=True, cwd=ROOT)
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
+            return 1
+        results[stack] = json.loads(line[len("RESULT "):])
+        print(stack, results[stack], flush=True)
+    if args.out:
+        args.out.write_text(report(results, args.steps))
+    return 0
+
+
+def report(results: dict, steps: int) -> str:
+    import torch
+
+    lines = [
+        "# Our engine against the reference QLoRA stack, on the CPU",
+        "",
+        f"- machine: {platform.processor() or platform.machine()}, {_cores()} cores, no GPU; "
+        f"torch {torch.__version__}",
+        f"- date: {time.strftime('%Y-%m-%d')}",
+        f"- command: `.venv/bin/python bench/cpu_train.py --steps {steps} --out bench/cpu_train.md`",
+        "- model: the embedded SmolLM2-135M-Instruct in NF4 + double quantization; LoRA r=64, "
+        "alpha=16, dropout 0.1 on all linear layers; micro-batch 4, 256 tokens, bf16 autocast",
+        "",
+        "| stack | tokens/s (median) | peak RSS GB | wall s (load + train) | final loss |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for stack, r in results.items():
+        lines.append(f"| {stack} | {r['tokens_per_s']} | {r['peak_rss_gb']} | {r['seconds']:.0f} | "
+                     f"{r['final_loss']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _cores() -> int:
+    import os
+
+    return os.cpu_count() or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
