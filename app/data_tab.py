@@ -30,16 +30,17 @@ HINT = f"Upload a {', '.join(SUFFIXES)} file, or name a Hugging Face dataset."
 
 def check_data(file, hub_id, fmt, columns, template, max_seq_len, skip_bad_rows, model_choice,
                custom_model, progress=gr.Progress()):
-    """Returns (data path for training or '', summary, preview, statistics, histogram)."""
+    """Returns (data path for training or '', summary, preview, statistics, histogram, and the
+    rows and tokens per epoch for the Train tab's time estimate)."""
     hub_id = (hub_id or "").strip()
     if not file and not hub_id:
-        return "", HINT, [], "", None
+        return "", HINT, [], "", None, {}
     if file:
         shown = Path(file).name  # only ever shown, never joined into a path
         try:
             source = str(store_upload(file, uploads_dir()))
         except UploadError as exc:
-            return "", f"❌ {exc}", [], "", None
+            return "", f"❌ {exc}", [], "", None, {}
     else:
         shown = source = hub_id
     max_seq_len = int(max_seq_len or 512)
@@ -65,7 +66,8 @@ def check_data(file, hub_id, fmt, columns, template, max_seq_len, skip_bad_rows,
         summary += f"\n\n{note}"
     preview = render_preview(report, chosen, tokenizer, max_seq_len) if chosen else []
     stats_text = stats_markdown(stats) if stats else ""
-    return (source if usable else ""), summary, preview, stats_text, histogram_frame(stats)
+    size = {"rows": stats.rows, "tokens_per_epoch": stats.tokens_per_epoch} if stats and usable else {}
+    return (source if usable else ""), summary, preview, stats_text, histogram_frame(stats), size
 
 
 def describe(report: DataReport, shown: str, skip_bad_rows: bool) -> str:
@@ -166,11 +168,11 @@ def build(hardware: dict) -> dict:
         eval_upload = gr.File(label="…or a separate eval file", file_types=list(SUFFIXES),
                               type="filepath", elem_id="data-eval-upload")
         eval_message = gr.Markdown(elem_id="data-eval-summary")
-    data_path, eval_path = gr.State(""), gr.State("")
+    data_path, eval_path, data_size = gr.State(""), gr.State(""), gr.State({})
 
     inputs = [upload, hub_id, fmt, columns, template, max_seq_len, skip, hardware["model"],
               hardware["custom_model"]]
-    outputs = [data_path, summary, preview, stats, histogram]
+    outputs = [data_path, summary, preview, stats, histogram, data_size]
     upload.upload(check_data, inputs, outputs, api_name="check_data")
     upload.clear(check_data, inputs, outputs, api_name=False)
     hub_id.submit(check_data, inputs, outputs, api_name=False)
@@ -185,5 +187,6 @@ def build(hardware: dict) -> dict:
     # RunConfig field -> component, for the Train tab to pass into the run configuration.
     config_inputs = {"eval_data_path": eval_path, "eval_share": eval_share, "data_format": fmt,
                      "data_columns": columns, "skip_bad_rows": skip}
-    return {"data_path": data_path, "template": template, "max_seq_len": max_seq_len,
+    return {"data_path": data_path, "data_size": data_size, "template": template,
+            "max_seq_len": max_seq_len,
             "config_inputs": config_inputs}

@@ -178,8 +178,10 @@ def memory_refusal(cfg) -> str | None:
     return planner.preflight(cfg.model, cfg.max_seq_len, cfg.micro_batch_size, cfg.lora_r, free, total)
 
 
-def memory_bar(model_choice, custom_model, max_seq_len, micro_batch, lora_r) -> str:
-    """HTML: the plan's parts as one stacked bar against the card's free memory, with a legend."""
+def memory_bar(model_choice, custom_model, max_seq_len, micro_batch, lora_r, epochs=0, max_steps=-1,
+               grad_accum=1, data_size=None) -> str:
+    """HTML: the plan's parts as one stacked bar against the card's free memory, with a legend,
+    and a first guess of the training time for the uploaded data."""
     try:
         model = planner.model_shape(selected_model(model_choice, custom_model))
         length, batch, rank = int(max_seq_len), int(micro_batch), int(lora_r)
@@ -206,8 +208,33 @@ def memory_bar(model_choice, custom_model, max_seq_len, micro_batch, lora_r) -> 
     speed = planner.tokens_per_second(model, length, planner.find_gpu(gpu.name, gpu.total_gb) if gpu else None)
     return (f'<div id="memory-plan"><b>Memory plan</b>: {verdict}'
             f'<div style="position:relative;display:flex;height:22px;margin:6px 0;background:#eee;'
-            f'border-radius:4px">{segments}{marker}</div><small>{legend}<br>First guess of speed: '
-            f'about {speed:.0f} tokens/s (the live rate replaces it once training runs).</small></div>')
+            f'border-radius:4px">{segments}{marker}</div><small>{legend}<br>'
+            f'{time_guess(speed, data_size, epochs, max_steps, batch * _int(grad_accum, 1))}</small></div>')
+
+
+def time_guess(tokens_per_s: float, data_size: dict | None, epochs, max_steps, rows_per_step: int) -> str:
+    """Training time from the data's token count at the planner's first-guess speed; the ETA of a
+    running run comes from its real pace instead."""
+    text = f"First guess of speed: about {tokens_per_s:.0f} tokens/s"
+    rows, tokens = (data_size or {}).get("rows"), (data_size or {}).get("tokens_per_epoch")
+    if not rows or not tokens:
+        return text + " (upload data for a time estimate; the live ETA replaces it once training runs)."
+    steps = _int(max_steps, -1)
+    if steps > 0:
+        total = tokens / rows * rows_per_step * steps
+        what = f"{steps} steps"
+    else:
+        total = tokens * max(float(epochs or 0), 0.0)
+        what = f"{float(epochs or 0):g} epochs of {tokens:,} tokens"
+    return (f"{text}, so about {_duration(total / tokens_per_s)} for {what} (the live ETA "
+            "replaces this guess once training runs).")
+
+
+def _int(value, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
 
 
 def build(hardware: dict, data: dict) -> dict:
@@ -231,7 +258,8 @@ def build(hardware: dict, data: dict) -> dict:
     components = [by_field[field] for field, *_ in FIELDS]
     recipe.change(recipe_values, recipe, [description] + components, api_name=False)
     plan_inputs = [hardware["model"], hardware["custom_model"], by_field["max_seq_len"],
-                   by_field["micro_batch_size"], by_field["lora_r"]]
+                   by_field["micro_batch_size"], by_field["lora_r"], by_field["epochs"],
+                   by_field["max_steps"], by_field["grad_accum_steps"], data["data_size"]]
     memory = gr.HTML(memory_bar(*[c.value for c in plan_inputs]), elem_id="memory-plan-html")
     for component in plan_inputs:
         component.change(memory_bar, plan_inputs, memory, api_name=False, show_progress="hidden")

@@ -66,13 +66,15 @@ def test_data_tab_check_shows_summary_preview_and_statistics(tmp_path, data_dir,
     calls = []
     progress = lambda fraction, desc="": calls.append(fraction)  # noqa: E731
 
-    data_path, summary, preview, stats, histogram = data_tab.check_data(*args, False, *model, progress)
+    data_path, summary, preview, stats, histogram, size = data_tab.check_data(*args, False, *model, progress)
+    assert size == {}  # not usable as it is: no time estimate from it
     assert data_path == ""
     assert "line 2" in summary and "Skip bad rows" in summary and "invalid JSON" in summary
     stored = list((data_dir / "uploads").iterdir())
     assert len(stored) == 1 and stored[0].read_bytes() == path.read_bytes()  # kept unchanged
 
-    data_path, summary, preview, stats, histogram = data_tab.check_data(*args, True, *model, progress)
+    data_path, summary, preview, stats, histogram, size = data_tab.check_data(*args, True, *model, progress)
+    assert size["rows"] == 2 and size["tokens_per_epoch"] > 0
     assert data_path == str(stored[0])
     assert "1 bad rows are skipped" in summary
     assert ("── row at line 1 ──\n", None) in preview and any(label == TRAINED for _, label in preview)

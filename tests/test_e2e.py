@@ -173,6 +173,8 @@ def test_browser_upload_train_reload_and_chat(app, facts_file):
 
         page.get_by_role("tab", name="Train").click()
         expect(page.locator("#recipe-choice input")).to_have_value("quick-test")  # CPU default
+        # the plan guesses the training time from the uploaded data's token count
+        expect(page.locator("#memory-plan-html")).to_contain_text("for 8 epochs of")
         page.locator("#start-button").click()
         expect(page.locator("#train-message")).to_contain_text("Started run")
         wait_until(lambda: chart_points(page) >= 3, TRAINING_TIMEOUT_S, "3 points on the chart")

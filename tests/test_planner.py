@@ -155,8 +155,9 @@ def test_preflight():
 
 def test_training_time_estimate():
     embedded, gptj = find("embedded"), find("gpt-j-6b")
-    # DESIGN.md: SmolLM2-135M trains at about 260 tokens/s on this kind of 2-core CPU
-    assert planner.tokens_per_second(embedded, 256, None) == pytest.approx(260, rel=0.10)
+    # Measured on this kind of 2-core CPU: our engine trains SmolLM2-135M at about 90 tokens/s
+    # (the quick-test recipe in the browser test: 7,184 tokens in 78 s)
+    assert planner.tokens_per_second(embedded, 256, None) == pytest.approx(90, rel=0.15)
     rtx3060, rtx4090 = planner.find_gpu("RTX 3060", 12), planner.find_gpu("RTX 4090")
     assert planner.estimate_seconds(gptj, 10**6, 1024, rtx4090) < planner.estimate_seconds(
         gptj, 10**6, 1024, rtx3060)
@@ -236,3 +237,14 @@ def test_cli_plan_and_recommend_json(tmp_path):
     picks = json.loads(out)
     assert "gpt-neox-20b" in [pick["model"] for pick in picks]
     assert all({"model", "max_seq_len", "micro_batch", "total_gb"} <= set(p) for p in picks)
+
+
+def test_training_time_guess_from_the_uploaded_data():
+    from app.train_tab import time_guess
+
+    # 30 rows of 898 tokens per epoch at 90 tokens/s: 8 epochs take 7,184 / 90 = 80 s
+    assert "00:01:19 for 8 epochs of 898 tokens" in time_guess(90, {"rows": 30, "tokens_per_epoch": 898},
+                                                               8, -1, 4)
+    # max_steps wins over epochs: 20 steps of 4 rows of ~30 tokens = 2,395 tokens, 27 s
+    assert "00:00:26 for 20 steps" in time_guess(90, {"rows": 30, "tokens_per_epoch": 898}, 8, 20, 4)
+    assert "upload data" in time_guess(90, {}, 8, -1, 4)
