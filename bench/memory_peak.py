@@ -73,12 +73,13 @@ def save_random_model(model_id: str, folder: Path) -> None:
 def measure(point: str) -> dict:
     import pynvml
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from bitsandbytes.optim import PagedAdamW32bit
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from engine.catalog import find
     from engine.models import load_quantized_model
     from engine.planner import plan
+    from engine.train import _frozen_embeddings_to
 
     model_id, length, batch, rank = point.split(":")
     length, batch, rank = int(length), int(batch), int(rank)
@@ -90,6 +91,7 @@ def measure(point: str) -> dict:
         model = load_quantized_model(folder, "nf4", True, torch.bfloat16, "cuda")
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
+    _frozen_embeddings_to(model, torch.bfloat16)  # as engine/train.py does after peft's upcast
     model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=16, lora_dropout=0.05,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
     optimizer = PagedAdamW32bit([p for p in model.parameters() if p.requires_grad], lr=1e-4)
