@@ -81,7 +81,8 @@ def run_reference(data: Path, steps: int, work: Path) -> dict:
         output_dir=str(work / "reference"), per_device_train_batch_size=cfg.micro_batch_size,
         gradient_accumulation_steps=cfg.grad_accum_steps, max_steps=steps, learning_rate=cfg.lr,
         lr_scheduler_type="constant", max_grad_norm=cfg.max_grad_norm, optim="adamw_torch",
-        bf16=True, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+        bf16=True, activation_checkpointing=True,
+        activation_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=1, save_strategy="no", use_cpu=True, seed=cfg.seed, report_to="none",
         disable_tqdm=True, include_num_input_tokens_seen="non_padding",
     )
