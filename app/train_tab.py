@@ -170,12 +170,7 @@ BAR_COLOURS = ["#4e79a7", "#59a14f", "#f28e2b", "#e15759", "#76b7b2", "#edc948",
 def memory_refusal(cfg) -> str | None:
     """Why this run would run out of GPU memory, or None. Free VRAM counts, not total; on a CPU
     (no GPU, or device cpu) nothing is refused: the planner describes GPU memory only."""
-    if cfg.device == "cpu":
-        return None
-    free, total = planner.detected_vram()
-    if free is not None and active_run() is not None:
-        free = total  # our own training run holds memory now; a queued run starts after it ends
-    return planner.preflight(cfg.model, cfg.max_seq_len, cfg.micro_batch_size, cfg.lora_r, free, total)
+    return planner.config_refusal(cfg, our_run_holds_gpu=active_run() is not None)
 
 
 def memory_bar(model_choice, custom_model, max_seq_len, micro_batch, lora_r, epochs=0, max_steps=-1,

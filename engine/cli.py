@@ -303,14 +303,9 @@ def cmd_recommend(args) -> int:
 
 def _preflight(cfg: RunConfig, vram_gb: float | None) -> None:
     """Refuse, before anything loads, a run the planner says will not fit on the GPU."""
-    from engine.planner import detected_vram, preflight
+    from engine.planner import config_refusal
 
-    total = None
-    if vram_gb is None:
-        if cfg.device == "cpu":
-            return
-        vram_gb, total = detected_vram()
-    problem = preflight(cfg.model, cfg.max_seq_len, cfg.micro_batch_size, cfg.lora_r, vram_gb, total)
+    problem = config_refusal(cfg, vram_gb)
     if problem:
         raise CliError(problem)
 

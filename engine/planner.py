@@ -226,6 +226,23 @@ def preflight(model_name: str, max_seq_len: int, micro_batch: int, lora_r: int,
     return text + " To fit: " + "; or ".join(fixes) + "."
 
 
+def config_refusal(cfg, vram_gb: float | None = None, our_run_holds_gpu: bool = False) -> str | None:
+    """preflight() for a run configuration, the one check that Start and `train` share.
+
+    vram_gb: free GB to plan for; without it the detected GPU's free memory, and a CPU run is never
+    refused. our_run_holds_gpu: one of our runs trains now, so a new run waits in the queue and gets
+    the whole card once that run ends (its total, not today's free memory, counts).
+    """
+    total = None
+    if vram_gb is None:
+        if cfg.device == "cpu":
+            return None
+        vram_gb, total = detected_vram()
+        if vram_gb is not None and our_run_holds_gpu:
+            vram_gb = total
+    return preflight(cfg.model, cfg.max_seq_len, cfg.micro_batch_size, cfg.lora_r, vram_gb, total)
+
+
 @dataclass
 class Pick:
     model: CatalogModel
