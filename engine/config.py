@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from engine.formats import FORMATS
+
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
 
@@ -86,10 +88,9 @@ class RunConfig:
             problems.append("lora_dropout must be between 0 and 1")
         if not 0 <= self.eval_share < 0.5:
             problems.append("eval_share must be between 0 and 0.5")
-        if self.data_format not in ("auto", "alpaca", "chat", "sharegpt", "completion", "guanaco",
-                                    "text"):
-            problems.append(f"data_format '{self.data_format}' is unknown: use auto, alpaca, chat, "
-                            "sharegpt, completion, guanaco or text")
+        if self.data_format not in ("auto", *FORMATS):
+            problems.append(f"data_format '{self.data_format}' is unknown: use auto, "
+                            f"{', '.join(FORMATS)}")
         if self.quant_type not in ("nf4", "fp4"):
             problems.append(f"quant_type '{self.quant_type}' is unknown: use nf4 or fp4")
         if self.compute_dtype not in ("auto", "bf16", "fp16", "fp32"):

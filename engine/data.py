@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.formats import FORMATS, KEY_FIELD, Problem, detect_format, normalise
+from engine.formats import FORMATS, KEY_FIELD, Problem, detect_format, kind_of, normalise
 from engine.readers import Progress, is_hub_id, iter_records
 
 __all__ = ["FORMATS", "DataError", "DataReport", "Problem", "Row", "is_hub_id", "load_conversations",
@@ -128,7 +128,7 @@ class _Reader:
     def add(self, line: int, obj) -> None:
         errors = self.report.errors
         if not isinstance(obj, dict):
-            errors.append(Problem(line, "", f"a row must be a JSON object, got {_kind(obj)}"))
+            errors.append(Problem(line, "", f"a row must be a JSON object, got {kind_of(obj)}"))
             return
         detected = detect_format(obj)
         if self.auto and detected is None:
@@ -188,8 +188,3 @@ def load_conversations(source: str | Path, fmt: str = "auto", columns: str = "",
             raise DataError(f"no usable rows: every row has a problem. {report.summary()}")
         raise DataError(report.summary())
     return report
-
-
-def _kind(value) -> str:
-    names = {list: "a list", str: "text", bool: "true/false", type(None): "null"}
-    return names.get(type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)

@@ -81,7 +81,7 @@ def _alpaca_history(history, line: int, errors: list[Problem]) -> list[dict]:
     if history is None:
         return []
     if not isinstance(history, list):
-        errors.append(Problem(line, "history", f"must be a list of [question, answer] pairs, got {_kind(history)}"))
+        errors.append(Problem(line, "history", f"must be a list of [question, answer] pairs, got {kind_of(history)}"))
         return []
     messages = []
     for i, pair in enumerate(history):
@@ -110,7 +110,7 @@ def _sharegpt(obj: dict, line: int, errors: list[Problem]) -> list[dict]:
 def _turns(obj, key, role_key, content_key, roles, line, errors) -> list[dict]:
     raw = obj.get(key)
     if not isinstance(raw, list) or not raw:
-        errors.append(Problem(line, key, f"must be a non-empty list of messages, got {_kind(raw)}"))
+        errors.append(Problem(line, key, f"must be a non-empty list of messages, got {kind_of(raw)}"))
         return []
     messages = []
     problems_before = len(errors)
@@ -119,7 +119,7 @@ def _turns(obj, key, role_key, content_key, roles, line, errors) -> list[dict]:
         where = f"{key}[{i}]"
         if not isinstance(message, dict):
             errors.append(Problem(line, where, f"must be an object with {role_key} and {content_key}, "
-                                               f"got {_kind(message)}"))
+                                               f"got {kind_of(message)}"))
             continue
         name, content = message.get(role_key), message.get(content_key)
         role = roles.get(name.lower()) if isinstance(name, str) else None
@@ -127,7 +127,7 @@ def _turns(obj, key, role_key, content_key, roles, line, errors) -> list[dict]:
             errors.append(Problem(line, f"{where}.{role_key}", f"unknown role {name!r}: use {known}"))
             continue
         if not isinstance(content, str):
-            errors.append(Problem(line, f"{where}.{content_key}", f"must be text, got {_kind(content)}"))
+            errors.append(Problem(line, f"{where}.{content_key}", f"must be text, got {kind_of(content)}"))
             continue
         if not content.strip():
             errors.append(Problem(line, f"{where}.{content_key}", "is empty"))
@@ -189,13 +189,13 @@ def _text_field(obj: dict, name: str, line: int, errors: list[Problem], required
             errors.append(Problem(line, name, "is missing"))
         return ""
     if not isinstance(value, str):
-        errors.append(Problem(line, name, f"must be text, got {_kind(value)}"))
+        errors.append(Problem(line, name, f"must be text, got {kind_of(value)}"))
         return ""
     if required and not value.strip():
         errors.append(Problem(line, name, "is empty"))
     return value
 
 
-def _kind(value) -> str:
+def kind_of(value) -> str:
     names = {dict: "an object", list: "a list", str: "text", bool: "true/false", type(None): "null"}
     return names.get(type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
