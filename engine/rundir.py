@@ -43,9 +43,7 @@ class RunDir:
         status = self._read_raw_status()
         status.update(changes)
         status["updated"] = time.time()
-        tmp = self.status_path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(status, indent=1))
-        os.replace(tmp, self.status_path)
+        replace_atomically(self.status_path, json.dumps(status, indent=1))
         return status
 
     def _read_raw_status(self) -> dict:
@@ -70,9 +68,8 @@ class RunDir:
         return status
 
     def append_metric(self, record: dict) -> None:
-        line = json.dumps(record, separators=(",", ":")) + "\n"
         with open(self.metrics_path, "a", encoding="utf-8") as fh:
-            fh.write(line)
+            fh.write(_metric_line(record))
             fh.flush()
 
     def read_metrics(self) -> list[dict]:
@@ -115,11 +112,20 @@ class RunDir:
         kept = [r for r in records if (r.get("step") or 0) <= step]
         if len(kept) == len(records):
             return 0
-        tmp = self.metrics_path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in kept),
-                       encoding="utf-8")
-        os.replace(tmp, self.metrics_path)
+        replace_atomically(self.metrics_path, "".join(map(_metric_line, kept)))
         return len(records) - len(kept)
+
+
+def replace_atomically(path: Path, text: str) -> None:
+    """Write a temp file beside `path`, then rename it over `path`: a reader sees the old file or
+    the new one, never half of one."""
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _metric_line(record: dict) -> str:
+    return json.dumps(record, separators=(",", ":")) + "\n"
 
 
 def process_created(pid: int) -> float:

@@ -19,7 +19,7 @@ from filelock import FileLock  # cross-platform file lock (a dependency of huggi
 
 from engine.config import RunConfig
 from engine.paths import PROJECT_DIR, data_dir, runs_dir
-from engine.rundir import LIVE_STATES, RunDir, process_created
+from engine.rundir import LIVE_STATES, RunDir, process_created, replace_atomically
 
 ACTIVE_STATES = ("running", "stopping")  # states in which a run's process holds the GPU
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -174,9 +174,7 @@ def _read_queue() -> list[dict]:
 
 
 def _write_queue(entries: list[dict]) -> None:
-    tmp = _queue_path().with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(entries, indent=1))
-    os.replace(tmp, _queue_path())
+    replace_atomically(_queue_path(), json.dumps(entries, indent=1))
 
 
 def list_runs() -> list[RunDir]:
