@@ -313,13 +313,12 @@ def _preflight(cfg: RunConfig, vram_gb: float | None) -> None:
 def cmd_resume(args) -> int:
     """`train RUN_DIR --resume` in the foreground, once we know the run is not still training."""
     from engine.rundir import RunDir
+    from engine.runner import ensure_resumable
 
     run = RunDir(args.run_dir)
     if not run.is_run():
         raise CliError(f"{args.run_dir} has no config.yaml: it is not a run directory")
-    state = run.read_status().get("state")
-    if state in ("running", "stopping", "finished"):
-        raise CliError(f"{args.run_dir} is {state}: only a stopped or failed run can be resumed")
+    ensure_resumable(run)
     checkpoint = run.latest_checkpoint()
     print(f"resuming {run.path} from {checkpoint.name if checkpoint else 'the start (no checkpoint yet)'}",
           file=sys.stderr)

@@ -55,13 +55,18 @@ def start_run(cfg: RunConfig, name: str = "") -> RunDir:
     return run
 
 
-def resume_run(run: RunDir) -> str:
-    """Continue a stopped or failed run from its last checkpoint (now, or after the active run)."""
+def ensure_resumable(run: RunDir) -> None:
+    """Raise unless the run is stopped or failed (a queued or training run is still on its way)."""
     state = run.read_status().get("state")
     if state in LIVE_STATES:
         raise RunnerError(f"run {run.name} is {state}: only a stopped or failed run can be resumed")
     if state == "finished":
         raise RunnerError(f"run {run.name} has finished: start a new run to train further")
+
+
+def resume_run(run: RunDir) -> str:
+    """Continue a stopped or failed run from its last checkpoint (now, or after the active run)."""
+    ensure_resumable(run)
     checkpoint = run.latest_checkpoint()
     where = f"from {checkpoint.name}" if checkpoint else "from the start (it has no checkpoint yet)"
     started = _start_or_queue(run, resume=True)
