@@ -78,13 +78,6 @@ class CatalogModel:
     def total_params(self) -> int:
         return self.quantized_params + self.embedding_params + self.other_params
 
-    @property
-    def vram_gb(self) -> float:
-        """Planner estimate at 512 tokens, micro-batch 1, r=64 (kept for older callers)."""
-        from engine.planner import plan
-
-        return plan(self).total_gb
-
     def problems(self) -> list[str]:
         """What is wrong with this shape, in words; empty when it is usable."""
         found = []
@@ -165,10 +158,3 @@ def shape_from_config(folder: str | Path) -> CatalogModel:
     if problems:
         raise CatalogError(f"{path}: {'; '.join(problems)}")
     return model
-
-
-def recommend(free_vram_gb: float | None) -> list[tuple[CatalogModel, str]]:
-    """Catalog models that fit, best first, each with a one-line reason (see engine.planner)."""
-    from engine.planner import recommend as plan_recommend
-
-    return [(pick.model, pick.why) for pick in plan_recommend(free_vram_gb)]

@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from engine import catalog
+from engine import catalog, planner
 from engine.hardware import GIB, Gpu, detect, detect_gpus
 
 
@@ -93,12 +93,12 @@ def test_driver_with_no_gpu_is_a_note(monkeypatch):
 # --- catalog recommendations ------------------------------------------------------------------
 
 def ids(free_vram_gb):
-    return [m.id for m, _ in catalog.recommend(free_vram_gb)]
+    return [pick.model.id for pick in planner.recommend(free_vram_gb)]
 
 
 def test_cpu_mode_recommends_only_cpu_models():
     assert ids(None) == ["embedded"]
-    assert all(m.cpu_ok for m, _ in catalog.recommend(None))
+    assert all(pick.model.cpu_ok for pick in planner.recommend(None))
 
 
 def test_12_gb_fits_gpt_j_but_not_neox():
@@ -122,7 +122,8 @@ def test_too_little_memory_recommends_nothing():
 @pytest.mark.parametrize("entry", catalog.load_catalog(), ids=lambda m: m.id)
 def test_catalog_entries_are_sane(entry):
     assert entry.hub_id.count("/") == 1
-    assert 0 < entry.params_b and 0 < entry.vram_gb
+    vram_gb = planner.plan(entry).total_gb  # 512 tokens, micro-batch 1, r=64
+    assert 0 < entry.params_b and 0 < vram_gb
     # NF4 with double quant is about 0.52 bytes per parameter: the estimate covers the weights
-    assert entry.vram_gb > entry.params_b * 0.52
+    assert vram_gb > entry.params_b * 0.52
     assert catalog.find(entry.id) == entry
