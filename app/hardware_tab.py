@@ -9,9 +9,8 @@ from engine.hardware import detect
 from engine.paths import data_dir
 
 
-def model_choices(free_vram_gb: float | None) -> tuple[list[tuple[str, str]], str]:
-    """Dropdown choices (label, catalog id), recommended first, and the default pick."""
-    picks = planner.recommend(free_vram_gb)
+def model_choices(free_vram_gb: float | None, picks: list) -> tuple[list[tuple[str, str]], str]:
+    """Dropdown choices (label, catalog id), the recommended picks first, and the default pick."""
     fits = {pick.model.id for pick in picks}
     choices = [(f"✓ {pick.why}", pick.model.id) for pick in picks]
     for model in catalog.load_catalog():
@@ -24,9 +23,8 @@ def model_choices(free_vram_gb: float | None) -> tuple[list[tuple[str, str]], st
     return choices, (picks[0].model.id if picks else "embedded")
 
 
-def recommendation_markdown(free_vram_gb: float | None) -> str:
+def recommendation_markdown(free_vram_gb: float | None, picks: list) -> str:
     """The ranked list a person reads: what fits, at which length and micro-batch, and why."""
-    picks = planner.recommend(free_vram_gb)
     if free_vram_gb is None:
         return "### Recommended\n- **embedded**: no GPU, so the small offline model trains on the CPU."
     lines = [f"### Recommended for {free_vram_gb:.1f} GB free (LoRA r=16, 10% headroom kept)"]
@@ -62,17 +60,24 @@ def free_vram() -> float | None:
     return planner.detected_vram()[0]
 
 
+def ranked_models() -> tuple[float | None, list]:
+    """Free VRAM and the planner's picks for it: computed once, shown as a list and as choices."""
+    free = free_vram()
+    return free, planner.recommend(free)
+
+
 def build() -> dict:
-    choices, default = model_choices(free_vram())
+    free, picks = ranked_models()
+    choices, default = model_choices(free, picks)
     info = gr.Markdown(hardware_markdown(), elem_id="hardware-info")
     refresh = gr.Button("Refresh", size="sm")
-    ranked = gr.Markdown(recommendation_markdown(free_vram()), elem_id="recommendations")
+    ranked = gr.Markdown(recommendation_markdown(free, picks), elem_id="recommendations")
     gr.Markdown("### Base model\nModels that fit this machine come first (✓), each with the longest "
                 "sequence length that fits. The Train tab shows the memory plan of your settings.")
     model = gr.Dropdown(choices=choices, value=default, label="Base model", elem_id="model-choice")
     custom = gr.Textbox(label="Or a Hugging Face Hub id or a local model folder (overrides the list)",
                         placeholder="e.g. EleutherAI/gpt-j-6b or /models/my-llama", elem_id="custom-model")
-    refresh.click(lambda: (hardware_markdown(), recommendation_markdown(free_vram())),
+    refresh.click(lambda: (hardware_markdown(), recommendation_markdown(*ranked_models())),
                   outputs=[info, ranked], api_name=False)
     return {"model": model, "custom_model": custom}
 

@@ -7,11 +7,11 @@ tabs, or a restarted UI, show the same state.
 
 from __future__ import annotations
 
-import time
-
 import gradio as gr
 import pandas as pd
 
+from app.train_tab import duration
+from engine.config import ConfigError, RunConfig
 from engine.runner import (
     RunnerError,
     cancel_queued,
@@ -27,34 +27,27 @@ COLUMNS = ["run", "state", "steps", "final loss", "duration", "model", "message"
 OVERLAID = 8  # more curves than this on one chart are unreadable
 
 
-def runs_table() -> pd.DataFrame:
+def runs_table(runs: list, metrics: dict[str, list[dict]]) -> pd.DataFrame:
     rows = []
-    for run in list_runs():
+    for run in runs:
         status = run.read_status()
-        losses = [m["loss"] for m in run.read_metrics() if m.get("loss") is not None]
+        losses = [m["loss"] for m in metrics[run.name] if m.get("loss") is not None]
         rows.append({
             "run": run.name,
             "state": status.get("state", "?"),
             "steps": f"{status.get('step') or 0}/{status.get('total_steps') or '?'}",
             "final loss": round(losses[-1], 4) if losses else None,
-            "duration": _duration(status.get("elapsed_s")),
+            "duration": duration(status.get("elapsed_s")),
             "model": _model_of(run),
             "message": (status.get("message") or "").split("\n")[0][:120],
         })
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def loss_overlay(names: list[str] | None = None) -> pd.DataFrame | None:
-    """Training loss per step of the chosen runs (default: the newest few), one series per run."""
-    names = names or [run.name for run in list_runs()][:OVERLAID]
-    points = []
-    for name in names:
-        try:
-            run = get_run(name)
-        except RunnerError:
-            continue
-        points += [{"step": m["step"], "loss": m["loss"], "run": name} for m in run.read_metrics()
-                   if m.get("loss") is not None]
+def loss_overlay(runs: list, metrics: dict[str, list[dict]]) -> pd.DataFrame | None:
+    """Training loss per step of the newest few runs, one series per run."""
+    points = [{"step": m["step"], "loss": m["loss"], "run": run.name}
+              for run in runs[:OVERLAID] for m in metrics[run.name] if m.get("loss") is not None]
     # None, not an empty frame: after an empty frame Gradio's plot draws no later data.
     return pd.DataFrame(points) if points else None
 
@@ -95,30 +88,30 @@ def queue_action(name: str, action: str) -> str:
 def refresh():
     # A run killed while others waited leaves the queue stuck; whoever looks first moves it on.
     start_next()
-    names = [run.name for run in list_runs()]
+    runs, metrics = _snapshot()
     queued = [run.name for run in queued_runs()]
-    return (runs_table(), loss_overlay(), queue_markdown(),
-            gr.update(choices=names), gr.update(choices=queued))
+    return (runs_table(runs, metrics), loss_overlay(runs, metrics), queue_markdown(),
+            gr.update(choices=[run.name for run in runs]), gr.update(choices=queued))
 
 
-def _duration(seconds) -> str:
-    if seconds is None:
-        return ""
-    return time.strftime("%H:%M:%S", time.gmtime(max(0, int(seconds))))
+def _snapshot() -> tuple[list, dict[str, list[dict]]]:
+    """The runs, newest first, and each one's metrics, read once for the table and the chart."""
+    runs = list_runs()
+    return runs, {run.name: run.read_metrics() for run in runs}
 
 
 def _model_of(run) -> str:
     try:
-        text = run.config_path.read_text()
-    except OSError:
+        return RunConfig.load(run.config_path).model
+    except (OSError, ConfigError):
         return ""
-    line = next((ln for ln in text.splitlines() if ln.startswith("model:")), "")
-    return line.split(":", 1)[1].strip().strip("'\"")
 
 
 def build() -> dict:
-    table = gr.Dataframe(runs_table(), label="Runs", interactive=False, elem_id="runs-table")
-    chart = gr.LinePlot(loss_overlay(), x="step", y="loss", color="run", title="Training loss",
+    runs, metrics = _snapshot()
+    table = gr.Dataframe(runs_table(runs, metrics), label="Runs", interactive=False,
+                         elem_id="runs-table")
+    chart = gr.LinePlot(loss_overlay(runs, metrics), x="step", y="loss", color="run", title="Training loss",
                         height=320, elem_id="runs-chart")
     with gr.Row():
         queue = gr.Markdown(queue_markdown(), elem_id="queue-view")
@@ -130,7 +123,7 @@ def build() -> dict:
                 down = gr.Button("Later", elem_id="queue-down")
                 cancel = gr.Button("Cancel", variant="stop", elem_id="queue-cancel")
     with gr.Row():
-        victim = gr.Dropdown([r.name for r in list_runs()], label="Run to delete", elem_id="delete-choice")
+        victim = gr.Dropdown([r.name for r in runs], label="Run to delete", elem_id="delete-choice")
         delete = gr.Button("Delete run…", variant="stop", elem_id="delete-button")
     with gr.Row(visible=False) as confirm_row:
         confirm = gr.Button("Yes, delete it", variant="stop", elem_id="delete-confirm")

@@ -119,8 +119,8 @@ def show_run(run_name):
         run = get_run(run_name)
     except RunnerError as exc:
         return f"⚠️ {exc}", None
-    return status_markdown(run.read_status(), run.read_metrics()) + queue_note(), \
-        chart_frame(run.read_metrics())
+    metrics = run.read_metrics()
+    return status_markdown(run.read_status(), metrics) + queue_note(), chart_frame(metrics)
 
 
 def chart_frame(metrics: list[dict]) -> pd.DataFrame | None:
@@ -137,9 +137,9 @@ def status_markdown(status: dict, metrics: list[dict]) -> str:
     step, total = status.get("step") or 0, status.get("total_steps")
     parts = [f"**{state}**", f"step {step}/{total or '?'}"]
     if status.get("elapsed_s") is not None:
-        parts.append(f"elapsed {_duration(status['elapsed_s'])}")
+        parts.append(f"elapsed {duration(status['elapsed_s'])}")
     if state in LIVE_STATES and status.get("eta_s") is not None:
-        parts.append(f"ETA {_duration(status['eta_s'])}")
+        parts.append(f"ETA {duration(status['eta_s'])}")
     train_points = [m for m in metrics if m.get("loss") is not None]
     if train_points:
         last = train_points[-1]
@@ -158,7 +158,10 @@ def status_markdown(status: dict, metrics: list[dict]) -> str:
     return text
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float | None) -> str:
+    """H:MM:SS as the Train and Runs tabs show it; '' when unknown."""
+    if seconds is None:
+        return ""
     return time.strftime("%H:%M:%S", time.gmtime(max(0, int(seconds))))
 
 
@@ -221,7 +224,7 @@ def time_guess(tokens_per_s: float, data_size: dict | None, epochs, max_steps, r
     else:
         total = tokens * max(float(epochs or 0), 0.0)
         what = f"{float(epochs or 0):g} epochs of {tokens:,} tokens"
-    return (f"{text}, so about {_duration(total / tokens_per_s)} for {what} (the live ETA "
+    return (f"{text}, so about {duration(total / tokens_per_s)} for {what} (the live ETA "
             "replaces this guess once training runs).")
 
 
