@@ -39,6 +39,7 @@ def is_hub_id(source: str) -> bool:
 
 def iter_records(source: str, columns: str = "", progress: Progress | None = None) -> Iterator[Record]:
     path = Path(source)
+    progress = progress or _silent
     if path.is_dir() or is_hub_id(source):
         yield from _hub(source, progress)
         return
@@ -57,7 +58,7 @@ def iter_records(source: str, columns: str = "", progress: Progress | None = Non
         return
     reader = {".jsonl": _jsonl, ".json": _json_array, ".csv": _csv, ".parquet": _parquet}[suffix]
     try:
-        for record in reader(path, progress or _silent):
+        for record in reader(path, progress):
             yield record if isinstance(record, Problem) else (record[0], _rename(record[1], mapping))
     except OSError as exc:
         yield Problem(0, "", f"cannot read {path.name}: {exc.strerror or exc}", fatal=True)
@@ -237,11 +238,11 @@ def _parquet(path: Path, progress: Progress) -> Iterator[Record]:
         progress(number / total, f"read {number:,} rows")
 
 
-def _hub(source: str, progress: Progress | None) -> Iterator[Record]:
+def _hub(source: str, progress: Progress) -> Iterator[Record]:
     """A dataset on the Hub (or a local dataset folder), through `datasets`; its train split."""
     from datasets import load_dataset
 
-    (progress or _silent)(0.0, f"loading {source} with datasets")
+    progress(0.0, f"loading {source} with datasets")
     try:
         dataset = load_dataset(source, split="train")
     except Exception as exc:  # noqa: BLE001 - datasets raises many kinds; each becomes one message
@@ -257,9 +258,9 @@ def _hub(source: str, progress: Progress | None) -> Iterator[Record]:
     total = max(len(dataset), 1)
     for number, record in enumerate(dataset, start=1):
         if number % PROGRESS_EVERY == 0:
-            (progress or _silent)(number / total, f"read {number:,} rows")
+            progress(number / total, f"read {number:,} rows")
         yield number, record
-    (progress or _silent)(1.0, f"read {source}")
+    progress(1.0, f"read {source}")
 
 
 def max_upload_bytes() -> int:
