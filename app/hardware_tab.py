@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from engine import catalog, planner
-from engine.hardware import detect
+from engine.hardware import cpu_dtype_note, detect
 from engine.paths import data_dir
 
 
@@ -49,6 +49,7 @@ def hardware_markdown() -> str:
     else:
         lines.append(f"- **No GPU: CPU mode, tiny models only** ({found.gpu_note}). Training uses "
                      "plain AdamW (paged optimizers need CUDA).")
+        lines.append(f"- CPU compute: {cpu_dtype_note(found.cpu_bf16)}")
     lines.append(f"- CPU: {found.cpu_name}, {found.cpu_cores} cores; RAM {found.ram_free_gb:.1f} GB "
                  f"free of {found.ram_total_gb:.1f} GB")
     lines.append(f"- Disk: {found.disk_free_gb:.1f} GB free in {data_dir()}")

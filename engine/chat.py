@@ -30,7 +30,7 @@ class ChatModel:
         import torch
 
         self.device = pick_device(device)
-        dtype = compute_dtype("auto", self.device)
+        dtype, _ = compute_dtype("auto", self.device)
         if run_dir is not None:
             adapter = RunDir(run_dir).adapter_dir
             info_path = adapter / TEMPLATE_FILE

@@ -55,7 +55,7 @@ class RunConfig:
     # Quantization and compute
     quant_type: str = "nf4"  # 4-bit NormalFloat, the paper's data type (or fp4)
     double_quant: bool = True  # quantize the quantization constants too: ~0.37 bits/param saved
-    compute_dtype: str = "auto"  # auto = bf16 where supported, else fp16 on GPU
+    compute_dtype: str = "auto"  # auto: bf16 on GPUs with native bf16, else fp16; CPU: the faster
     gradient_checkpointing: bool = True  # recompute activations: far less memory, ~30% slower
     optimizer: str = "auto"  # auto = paged_adamw_32bit on CUDA, adamw_torch on CPU
     device: str = "auto"  # auto = cuda if available, else cpu

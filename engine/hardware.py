@@ -33,6 +33,7 @@ class Hardware:
     ram_free_gb: float = 0.0
     disk_free_gb: float = 0.0
     gpu_note: str = ""  # why no GPU was found, in words
+    cpu_bf16: bool | None = None  # native bf16 in the CPU's flags (None: flags not readable here)
 
     @property
     def has_gpu(self) -> bool:
@@ -51,6 +52,8 @@ class Hardware:
         lines.append(
             f"CPU: {self.cpu_cores} cores, RAM {self.ram_free_gb:.1f} GB free of {self.ram_total_gb:.1f} GB"
         )
+        if not self.gpus:
+            lines.append(f"CPU compute: {cpu_dtype_note(self.cpu_bf16)}")
         lines.append(f"Disk: {self.disk_free_gb:.1f} GB free")
         return "\n".join(lines)
 
@@ -74,6 +77,7 @@ def detect(data_dir: str | Path = ".") -> Hardware:
         ram_free_gb=round(memory.available / GIB, 1),
         disk_free_gb=round(psutil.disk_usage(str(disk_path)).free / GIB, 1),
         gpu_note=note,
+        cpu_bf16=cpu_bf16_native(),
     )
 
 
@@ -112,6 +116,35 @@ def detect_gpus() -> tuple[list[Gpu], str]:
             pynvml.nvmlShutdown()
         except pynvml.NVMLError:
             pass
+
+
+# Flags of CPUs that compute bf16 in hardware: AVX512-BF16 (Intel Cooper Lake, Sapphire Rapids;
+# AMD Zen 4 and newer) and AMX (Sapphire Rapids). Without them PyTorch emulates bf16 on the CPU.
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_bf16_native(cpuinfo: str | None = None) -> bool | None:
+    """Whether the CPU has native bf16, from /proc/cpuinfo's flags; None where they cannot be read
+    (Windows, macOS), and then training measures bf16 against fp32 instead (engine.models)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
+                  if line.startswith("flags")), None)
+    if flags is None:
+        return None
+    return any(flag in flags for flag in CPU_BF16_FLAGS)
+
+
+def cpu_dtype_note(native: bool | None) -> str:
+    """What a CPU run computes in, as the UI says it before a run (engine.models decides in it)."""
+    if native is False:
+        return "fp32 (this CPU has no native bf16; emulated bf16 would be many times slower)"
+    if native:
+        return "bf16 where measured faster than fp32 (this CPU has native bf16)"
+    return "bf16 or fp32, whichever a quick measurement at the start of a run finds faster"
 
 
 def _cpu_name() -> str:

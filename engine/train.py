@@ -106,7 +106,7 @@ def _train(run: RunDir, cfg: RunConfig, resume: bool) -> str:
 
     set_seed(cfg.seed)
     device = pick_device(cfg.device)
-    dtype = compute_dtype(cfg.compute_dtype, device)
+    dtype, dtype_why = compute_dtype(cfg.compute_dtype, device)
     source = resolve_model(cfg.model)
     tokenizer = load_tokenizer(source, cfg.trust_remote_code)
     template = get_template(cfg.template, tokenizer)
@@ -172,9 +172,10 @@ def _train(run: RunDir, cfg: RunConfig, resume: bool) -> str:
         callbacks=[callback],
     )
     trainer.remove_callback(PrinterCallback)  # our callback already logs each step, readably
-    setup = f"training on {device} with {optimizer}, compute {str(dtype)[6:]}"
+    setup = f"training on {device} with {optimizer}, compute {dtype_why}"
     log.info(setup)
-    run.write_status(message=setup, device=device, optimizer=optimizer)
+    run.write_status(message=setup, device=device, optimizer=optimizer,
+                     compute_dtype=str(dtype).removeprefix("torch."), compute_why=dtype_why)
     checkpoint = _resume_point(run) if resume else None
     # Steps past the checkpoint are trained again: their old chart points go (a fresh start: all).
     run.drop_metrics_after(checkpoints.step_of(checkpoint) if checkpoint else 0)

@@ -1,0 +1,80 @@
+"""The compute dtype a run gets on the machine it runs on: bf16 only where it is fast.
+
+A CPU without native bf16 (AMD Zen 2/3, older Intel) emulates it: a 2-core Zen 3 trained about 20x
+slower in bf16 than in fp32. A Turing GPU (RTX 20xx) answers yes to torch's plain bf16 question
+through emulation, and must get fp16."""
+
+import pytest
+import torch
+
+from engine import models
+from engine.hardware import cpu_bf16_native, cpu_dtype_note, detect
+
+ZEN3 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx avx2 fma bmi2\n"
+ZEN4 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 avx512f avx512_bf16 avx512_vnni\n"
+SAPPHIRE_RAPIDS = "flags\t\t: avx512f amx_bf16 amx_tile amx_int8\n"
+
+
+def test_native_bf16_is_read_from_the_cpu_flags():
+    assert cpu_bf16_native(ZEN3) is False
+    assert cpu_bf16_native(ZEN4) is True
+    assert cpu_bf16_native(SAPPHIRE_RAPIDS) is True
+    assert cpu_bf16_native("processor\t: 0\n") is None  # no flags line (an ARM kernel, say)
+
+
+def test_the_hardware_summary_says_what_a_cpu_run_computes_in(monkeypatch):
+    monkeypatch.setattr("engine.hardware.detect_gpus", lambda: ([], "no NVIDIA driver found"))
+    monkeypatch.setattr("engine.hardware.cpu_bf16_native", lambda: False)
+    summary = detect().summary()
+    assert "CPU compute: fp32" in summary and "no native bf16" in summary
+    assert "measurement" in cpu_dtype_note(None) and "bf16" in cpu_dtype_note(True)
+
+
+@pytest.fixture
+def cpu(monkeypatch):
+    """compute_dtype on a CPU whose flags and matmul timings the test sets."""
+    models.cpu_compute_dtype.cache_clear()
+    yield monkeypatch
+    models.cpu_compute_dtype.cache_clear()
+
+
+def test_a_cpu_without_native_bf16_computes_in_fp32_without_measuring(cpu):
+    cpu.setattr(models, "cpu_bf16_native", lambda: False)
+    cpu.setattr(models, "_matmul_seconds", lambda dtype: pytest.fail("no measurement needed"))
+    dtype, why = models.compute_dtype("auto", "cpu")
+    assert dtype == torch.float32
+    assert "no native bf16" in why
+
+
+@pytest.mark.parametrize("native", [True, None])
+def test_bf16_is_chosen_only_where_it_measures_faster(cpu, native):
+    cpu.setattr(models, "cpu_bf16_native", lambda: native)
+    timings = {torch.bfloat16: 1.0, torch.float32: 4.0}
+    cpu.setattr(models, "_matmul_seconds", timings.get)
+    dtype, why = models.compute_dtype("auto", "cpu")
+    assert dtype == torch.bfloat16 and "4.0x" in why
+    models.cpu_compute_dtype.cache_clear()
+    timings.update({torch.bfloat16: 3.0, torch.float32: 1.0})  # flags say yes, the clock says no
+    dtype, why = models.compute_dtype("auto", "cpu")
+    assert dtype == torch.float32 and "0.3x" in why
+
+
+def test_the_measurement_times_real_matmuls():
+    assert 0 < models._matmul_seconds(torch.float32) < 5
+
+
+def test_an_explicit_choice_is_kept_and_said(cpu):
+    cpu.setattr(models, "cpu_bf16_native", lambda: pytest.fail("no detection for an explicit dtype"))
+    assert models.compute_dtype("bf16", "cpu") == (torch.bfloat16, "bf16, as the run's settings ask")
+    assert models.compute_dtype("fp32", "cuda")[0] == torch.float32
+
+
+def test_a_gpu_with_only_emulated_bf16_gets_fp16(monkeypatch):
+    # Turing: torch.cuda.is_bf16_supported() is True through emulation, False for native support.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    dtype, why = models.compute_dtype("auto", "cuda")
+    assert dtype == torch.float16 and "7.5" in why
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert models.compute_dtype("auto", "cuda")[0] == torch.bfloat16
