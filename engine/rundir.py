@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -119,9 +121,35 @@ class RunDir:
 def replace_atomically(path: Path, text: str) -> None:
     """Write a temp file beside `path`, then rename it over `path`: a reader sees the old file or
     the new one, never half of one."""
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    # Unique per process and thread: two writers must never share (and clobber) one temp file.
+    tmp = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
     tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        replace_file(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only still there when the replace failed
+
+
+# On Windows, renaming over a file fails while another process has it open (the UI reading
+# status.json, an antivirus or backup tool scanning it); such holds last milliseconds.
+_REPLACE_WAITS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+
+
+def replace_file(source: Path, target: Path) -> None:
+    """os.replace, retried for a moment on Windows while another program holds `target` open."""
+    for wait in (*_REPLACE_WAITS, None):
+        try:
+            os.replace(source, target)
+            return
+        except PermissionError as error:
+            if sys.platform != "win32":
+                raise  # on POSIX a rename is never blocked by readers: a real permission problem
+            if wait is None:
+                raise PermissionError(
+                    f"could not replace {target}: another program keeps it open (an antivirus, "
+                    "a backup or sync tool, an editor). Close it or exclude the folder "
+                    f"{Path(target).parent} from it, then try again") from error
+            time.sleep(wait)
 
 
 def _metric_line(record: dict) -> str:

@@ -20,28 +20,99 @@ def launch():
     return module
 
 
-def fake_nvidia_smi(monkeypatch, launch, returncode=0, stdout="", error=None):
+HEADER = """\
++-----------------------------------------------------------------------------------------+
+| NVIDIA-SMI {driver}          Driver Version: {driver}      CUDA Version: {cuda}     |
+|-----------------------------------------+------------------------+----------------------+
+"""
+QUERY = ("--query-gpu=driver_version,compute_cap", "--format=csv,noheader")
+
+
+def fake_nvidia_smi(monkeypatch, launch, returncode=0, stdout="", error=None, cuda="12.4",
+                    query="550.54.14, 8.6\n"):
+    """nvidia-smi on PATH: `-L` answers `stdout`, the bare command a header naming the newest CUDA
+    the driver supports, the driver/compute capability query `query` (None: an old nvidia-smi
+    that knows no compute_cap)."""
     monkeypatch.setattr(launch.shutil, "which", lambda name: f"/usr/bin/{name}")
+    driver = (query or "").split(",")[0]
+    answers = {("-L",): (returncode, stdout),
+               (): (0, HEADER.format(driver=driver, cuda=cuda)),
+               QUERY: (0, query) if query is not None else (6, "Field is not a valid field")}
 
     def run(cmd, **kwargs):
-        assert cmd == ["nvidia-smi", "-L"]
+        assert cmd[0] == "nvidia-smi" and tuple(cmd[1:]) in answers, cmd
         if error:
             raise error
-        return subprocess.CompletedProcess(cmd, returncode, stdout=stdout, stderr="")
+        code, out = answers[tuple(cmd[1:])]
+        return subprocess.CompletedProcess(cmd, code, stdout=out, stderr="")
 
     monkeypatch.setattr(launch.subprocess, "run", run)
 
 
 # --- which PyTorch -----------------------------------------------------------------------------
 
-def test_nvidia_gpu_gets_the_cuda_build(monkeypatch, launch):
-    monkeypatch.setattr(launch.sys, "platform", "linux")
-    fake_nvidia_smi(monkeypatch, launch,
-                    stdout="GPU 0: NVIDIA GeForce RTX 3060 (UUID: GPU-1234)\n")
+@pytest.mark.parametrize("platform", ["linux", "win32"])
+@pytest.mark.parametrize(
+    ("cuda", "query", "build"),
+    [
+        ("13.0", "580.88, 8.9\n", "cu130"),  # an RTX 4090 on a current driver
+        ("13.2", "595.10, 8.6\n595.10, 8.9\n", "cu130"),  # two GPUs; 13.2 is not a stable build
+        ("12.8", "572.16, 8.6\n", "cu126"),  # newest 12.x: not a 13.0 build
+        ("12.4", "550.54.14, 8.6\n", "cu126"),  # a 12.x driver runs every 12.x build
+        ("13.0", "580.65.06, 6.1\n", "cu126"),  # a GTX 1080: CUDA 13 has no Pascal kernels
+        ("13.0", None, "cu130"),  # an nvidia-smi without compute_cap
+    ],
+    ids=["cuda13", "two-gpus", "cuda12.8", "cuda12.4-minor-compat", "pascal", "no-compute-cap"],
+)
+def test_nvidia_gpu_gets_the_cuda_build_its_driver_runs(monkeypatch, launch, platform, cuda,
+                                                        query, build):
+    monkeypatch.setattr(launch.sys, "platform", platform)
+    fake_nvidia_smi(monkeypatch, launch, stdout="GPU 0: NVIDIA GeForce RTX 3060 (UUID: GPU-1)\n",
+                    cuda=cuda, query=query)
     requirement, why = launch.torch_choice()
-    assert requirement == "torch==2.13.0"
-    assert "RTX 3060" in why
-    assert launch.torch_pip_args(requirement) == ["torch==2.13.0"]  # from PyPI, no extra index
+    # Pinned to the variant on every OS: PyPI's plain torch is CPU-only on Windows and built for
+    # one CUDA version on Linux.
+    assert requirement == f"torch==2.13.0+{build}"
+    assert "RTX 3060" in why and f"CUDA {cuda}" in why and build in why
+
+
+@pytest.mark.parametrize(
+    ("cuda", "query", "needs"),
+    [
+        ("11.4", "470.82.01, 8.6\n", "CUDA 12.0 or newer"),
+        ("12.8", "572.16, 12.0\n", "CUDA 13.0 or newer"),  # an RTX 5090: only 13.x has its kernels
+    ],
+    ids=["cuda11", "blackwell-on-cuda12"],
+)
+def test_a_driver_too_old_for_every_build_gets_the_cpu_build_and_advice(monkeypatch, launch, cuda,
+                                                                       query, needs):
+    monkeypatch.setattr(launch.sys, "platform", "win32")
+    fake_nvidia_smi(monkeypatch, launch, stdout="GPU 0: NVIDIA GeForce RTX 3060 (UUID: GPU-1)\n",
+                    cuda=cuda, query=query)
+    requirement, why = launch.torch_choice()
+    assert requirement == "torch==2.13.0+cpu"
+    driver = query.split(",")[0]
+    for words in (f"driver {driver}", f"CUDA {cuda}", needs, "Update the NVIDIA driver",
+                  "GPU will not be used"):
+        assert words in why
+
+
+def test_a_gpu_no_build_has_kernels_for_gets_the_cpu_build(monkeypatch, launch):
+    monkeypatch.setattr(launch.sys, "platform", "linux")
+    fake_nvidia_smi(monkeypatch, launch, stdout="GPU 0: Tesla K80 (UUID: GPU-1)\n", cuda="12.2",
+                    query="535.54, 3.7\n")
+    requirement, why = launch.torch_choice()
+    assert requirement == "torch==2.13.0+cpu"
+    assert "compute capability 3.7" in why and "GPU will not be used" in why
+
+
+def test_unreadable_cuda_version_tries_the_widest_build(monkeypatch, launch):
+    monkeypatch.setattr(launch.sys, "platform", "win32")
+    fake_nvidia_smi(monkeypatch, launch, stdout="GPU 0: NVIDIA GeForce RTX 3060 (UUID: GPU-1)\n",
+                    cuda="N/A")
+    requirement, why = launch.torch_choice()
+    assert requirement == "torch==2.13.0+cu126"
+    assert "did not say" in why
 
 
 def test_without_nvidia_smi_the_cpu_build_is_pinned(monkeypatch, launch):
@@ -113,6 +184,42 @@ def test_behind_a_proxy_the_cpu_index_is_kept_without_probing(monkeypatch, launc
     monkeypatch.setattr(launch.socket, "create_connection",
                         lambda *a, **k: pytest.fail("must not probe past a proxy"))
     assert "--extra-index-url" in launch.torch_pip_args("torch==2.13.0+cpu")
+
+
+def offline(monkeypatch, launch):
+    monkeypatch.setattr(launch.urllib.request, "getproxies", lambda: {})
+    monkeypatch.delenv("PIP_PROXY", raising=False)
+
+    def connect(address, timeout):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(launch.socket, "create_connection", connect)
+
+
+@pytest.mark.parametrize("platform", ["linux", "win32"])
+def test_cuda_build_comes_from_its_own_pytorch_index(monkeypatch, launch, platform):
+    monkeypatch.setattr(launch.sys, "platform", platform)
+    monkeypatch.setattr(launch, "reachable", lambda url: True)
+    assert launch.torch_pip_args("torch==2.13.0+cu126") == [
+        "torch==2.13.0+cu126", "--extra-index-url", "https://download.pytorch.org/whl/cu126"]
+
+
+def test_unreachable_cuda_index_on_linux_falls_back_to_pypis_cuda_build(monkeypatch, launch,
+                                                                        capsys):
+    monkeypatch.setattr(launch.sys, "platform", "linux")
+    offline(monkeypatch, launch)
+    assert launch.torch_pip_args("torch==2.13.0+cu130") == ["torch==2.13.0"]
+    out = capsys.readouterr().out
+    assert "download.pytorch.org is unreachable" in out and "PyPI's torch==2.13.0" in out
+
+
+def test_unreachable_cuda_index_on_windows_is_a_setup_error(monkeypatch, launch):
+    # PyPI's Windows torch is CPU-only: falling back to it would silently leave the GPU unused.
+    monkeypatch.setattr(launch.sys, "platform", "win32")
+    offline(monkeypatch, launch)
+    with pytest.raises(launch.SetupError, match="download.pytorch.org.*CPU-only") as error:
+        launch.torch_pip_args("torch==2.13.0+cu130")
+    assert "\n" not in str(error.value)
 
 
 # --- setup and its stamp -----------------------------------------------------------------------
@@ -223,13 +330,31 @@ def test_changed_requirements_after_app_setup_invalidate_test_setup(fake):
     assert fake.setup(test=True) == TEST_STEPS
 
 
-def test_switching_torch_build_removes_the_old_one(fake):
+@pytest.mark.parametrize("new_build", ["torch==2.13.0+cu126", "torch==2.13.0"])
+def test_switching_torch_build_removes_the_old_one(fake, new_build):
     fake.setup()
     assert fake.uninstalls == 0
-    fake.torch = "torch==2.13.0"  # a GPU appeared
+    fake.torch = new_build  # a GPU appeared
     assert fake.setup() == APP_STEPS
-    assert fake.args["PyTorch"] == ["torch==2.13.0"]
+    assert fake.args["PyTorch"] == [new_build]
     assert fake.uninstalls == 1  # an installed +cpu would otherwise satisfy torch==2.13.0
+    assert fake.setup() == []
+    fake.torch = "torch==2.13.0+cu130"  # a driver update
+    assert fake.setup() == APP_STEPS
+    assert fake.uninstalls == 2
+
+
+def test_pypi_fallback_is_retried_on_the_next_launch(fake, monkeypatch):
+    fake.torch = "torch==2.13.0+cu126"
+    monkeypatch.setattr(fake.launch, "torch_pip_args", lambda requirement: ["torch==2.13.0"])
+    assert fake.setup() == APP_STEPS  # PyTorch's index unreachable: PyPI's build went in
+    assert fake.args["PyTorch"] == ["torch==2.13.0"]
+    assert fake.setup() == APP_STEPS  # still unreachable: tried again, nothing uninstalled
+    assert fake.uninstalls == 0
+    monkeypatch.setattr(fake.launch, "torch_pip_args", lambda requirement: [requirement])
+    assert fake.setup() == APP_STEPS  # reachable again: the chosen build replaces PyPI's
+    assert fake.args["PyTorch"] == ["torch==2.13.0+cu126"]
+    assert fake.uninstalls == 1
     assert fake.setup() == []
 
 
