@@ -28,11 +28,19 @@ def recommendation_markdown(free_vram_gb: float | None, picks: list) -> str:
     if free_vram_gb is None:
         return "### Recommended\n- **embedded**: no GPU, so the small offline model trains on the CPU."
     lines = [f"### Recommended for {free_vram_gb:.1f} GB free (LoRA r=16, 10% headroom kept)"]
-    lines += [f"{rank}. **{pick.why}**, micro-batch {pick.micro_batch} ({pick.model.licence})"
-              for rank, pick in enumerate(picks[:10], start=1)]
+    lines += [f"{rank}. **{pick.why}**, micro-batch {pick.micro_batch} ({pick.model.licence}"
+              f"{download_note(pick.model)})" for rank, pick in enumerate(picks[:10], start=1)]
     if not picks:
         lines.append("- Nothing in the catalog fits at 1024 tokens: free GPU memory, or train on the CPU.")
     return "\n".join(lines)
+
+
+def download_note(model) -> str:
+    """The weights download a first run of this model makes; the embedded model is already here."""
+    gb = model.download_gb
+    if model.id == "embedded" or not gb:
+        return ""
+    return f", about {gb:.0f} GB to download" if gb >= 10 else f", about {gb:.1f} GB to download"
 
 
 def hardware_markdown() -> str:
@@ -46,6 +54,9 @@ def hardware_markdown() -> str:
             if held > 1.0:
                 lines.append(f"  - {held:.1f} GB is held by other programs (a desktop, a game, "
                              "another model): free VRAM is what counts")
+        if len(found.gpus) >= 2:
+            lines.append("- A run trains on one GPU: the one with the most free memory (the "
+                         "recommendations below are for it), or the one you pick on the Train tab")
     else:
         lines.append(f"- **No GPU: CPU mode, tiny models only** ({found.gpu_note}). Training uses "
                      "plain AdamW (paged optimizers need CUDA).")

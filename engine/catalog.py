@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, fields
+from functools import cache
 from pathlib import Path
 
 import yaml
@@ -17,6 +18,12 @@ from engine.config import PRESETS_DIR
 # Architectures whose MLP is two plain matrices (up, down); every other family we know uses a gated
 # MLP with three (gate, up, down), as Llama does.
 PLAIN_MLP_ARCHS = {"gptj", "gpt_neox", "gpt2", "gpt_bigcode", "opt", "phi", "falcon", "bloom"}
+
+
+@cache
+def attention_kernels() -> dict[str, str]:
+    """Architecture (model_type) -> the attention transformers runs for it: sdpa or eager."""
+    return yaml.safe_load((PRESETS_DIR / "attention.yaml").read_text())
 
 
 class CatalogError(ValueError):
@@ -43,10 +50,22 @@ class CatalogModel:
     head_dim: int = 0  # 0 = hidden / heads
     cpu_ok: bool = False  # small enough to fine-tune on a CPU in minutes
     gated: bool = False  # the Hub asks you to accept a licence first
+    revision: str | None = None  # the Hub revision with safetensors weights (None: default branch)
+    weights_bits: int = 16  # bits per weight of the safetensors there (what is downloaded)
 
     @property
     def head_size(self) -> int:
         return self.head_dim or self.hidden // self.heads
+
+    @property
+    def attention(self) -> str:
+        # SDPA is transformers' default wherever a model class supports it
+        return attention_kernels().get(self.arch, "sdpa")
+
+    @property
+    def download_gb(self) -> float:
+        """About how many GB the weights download is (0 = unknown)."""
+        return self.params_b * self.weights_bits / 8
 
     @property
     def gated_mlp(self) -> bool:
@@ -113,6 +132,8 @@ def load_catalog() -> list[CatalogModel]:
         except TypeError as exc:
             raise CatalogError(f"{path}, entry {number} ({entry.get('id')}): {exc}") from None
         problems = model.problems()
+        if model.arch not in attention_kernels():
+            problems.append(f"arch '{model.arch}' is missing from presets/attention.yaml")
         if problems:
             raise CatalogError(f"{path}, entry {number} ({model.id}): {'; '.join(problems)}")
         models.append(model)
@@ -158,3 +179,47 @@ def shape_from_config(folder: str | Path) -> CatalogModel:
     if problems:
         raise CatalogError(f"{path}: {'; '.join(problems)}")
     return model
+
+
+# Where a tokenizer keeps its chat template: its own file (transformers 5) or a tokenizer_config.json field.
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+
+
+def default_template(model_name: str) -> str:
+    """The prompt template a model trains with unless one is chosen: its catalog entry's prompt_style;
+    for a folder or Hub id outside the catalog, "model" when its tokenizer ships a chat template
+    (an instruct model), else "guanaco" (a base model: the QLoRA paper's format). A Hub model not
+    downloaded yet counts as a base model: nothing here waits on the network."""
+    entry = find(model_name or "embedded")
+    if entry is not None:
+        return entry.prompt_style
+    return "model" if _has_chat_template(model_name.strip()) else "guanaco"
+
+
+def _has_chat_template(name: str) -> bool:
+    names = ("tokenizer_config.json", *CHAT_TEMPLATE_FILES)
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        config, *template_files = (folder / filename for filename in names)
+    elif name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        config, *template_files = (_hub_file(name, filename) for filename in names)
+    else:
+        return False
+    if any(path is not None and path.is_file() for path in template_files):
+        return True
+    try:  # older tokenizers keep the template inside tokenizer_config.json
+        return config is not None and bool(json.loads(config.read_text()).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return False  # missing or unreadable: no template we can see
+
+
+def _hub_file(repo: str, filename: str) -> Path | None:
+    """One file of a Hub model already in the local Hugging Face cache, else None. Never the network:
+    this answers while someone picks a model, and an offline machine would wait a minute on retries."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo, filename)
+    except ValueError:  # not a valid repo id after all
+        return None
+    return Path(found) if isinstance(found, str) else None

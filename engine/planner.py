@@ -21,8 +21,9 @@ What our engine does (engine/train.py), and what each part below charges for it:
   gradient that is about 12 bytes per token per vocabulary entry at the peak.
 - Gradient checkpointing (use_reentrant False) keeps each block's input; one block at a time is
   recomputed with its LoRA dropout masks and casts (LAYER_HIDDEN_BYTES, LAYER_INTERMEDIATE_BYTES).
-- SDPA attention is memory-efficient (no seq^2 term), except Gemma 2: transformers has no SDPA
-  path for its softcapped attention, so eager attention materialises heads * seq^2 scores.
+- SDPA attention is memory-efficient (no seq^2 term). Architectures without SDPA in transformers
+  (GPT-J; Gemma 2, whose softcapping SDPA lacks: presets/attention.yaml) run eager attention, which
+  materialises heads * seq^2 scores per sequence in the recomputed block.
 
 Calibration (tests/test_planner.py holds each within the tolerance named there):
 - Unsloth's linear fit for Llama-3.1-8B QLoRA r=32 batch 1 with Hugging Face + FlashAttention-2
@@ -129,7 +130,7 @@ def plan(model: CatalogModel, max_seq_len: int = 512, micro_batch: int = 1, lora
     layer = stack.layer_scale * (LAYER_HIDDEN_BYTES * model.hidden
                                  + LAYER_INTERMEDIATE_BYTES * model.intermediate)
     attention = 0.0
-    if model.arch == "gemma2":
+    if model.attention == "eager":
         attention = micro_batch * model.heads * max_seq_len**2 * EAGER_ATTENTION_BYTES
     n_lora = lora_params(model, lora_r, stack.lora_modules)
     optimizer = n_lora * stack.optimizer_bytes
@@ -229,17 +230,20 @@ def preflight(model_name: str, max_seq_len: int, micro_batch: int, lora_r: int,
 def config_refusal(cfg, vram_gb: float | None = None, our_run_holds_gpu: bool = False) -> str | None:
     """preflight() for a run configuration, the one check that Start and `train` share.
 
-    vram_gb: free GB to plan for; without it the detected GPU's free memory, and a CPU run is never
-    refused. our_run_holds_gpu: one of our runs trains now, so a new run waits in the queue and gets
-    the whole card once that run ends (its total, not today's free memory, counts).
+    vram_gb: free GB to plan for; without it the free memory of the GPU the run will use (cfg.gpu),
+    and a CPU run is never refused. our_run_holds_gpu: one of our runs trains now, so a new run
+    waits in the queue and gets the whole card once that run ends (its total, not today's free
+    memory, counts).
     """
     total = None
     if vram_gb is None:
         if cfg.device == "cpu":
             return None
-        vram_gb, total = detected_vram()
-        if vram_gb is not None and our_run_holds_gpu:
-            vram_gb = total
+        gpu = detected_gpu(cfg.gpu)
+        if gpu is not None:
+            vram_gb, total = min(gpu.free_gb + chat_held_gb(gpu), gpu.total_gb), gpu.total_gb
+            if our_run_holds_gpu:
+                vram_gb = total
     return preflight(cfg.model, cfg.max_seq_len, cfg.micro_batch_size, cfg.lora_r, vram_gb, total)
 
 
@@ -328,18 +332,25 @@ def estimate_seconds(model: CatalogModel, tokens: int, max_seq_len: int, gpu: Gp
     return tokens / tokens_per_second(model, max_seq_len, gpu)
 
 
-def detected_gpu():
-    """The GPU training uses (the first CUDA device, as engine.hardware sees it), or None."""
-    from engine.hardware import detect_gpus
+def detected_gpu(requested: int = -1):
+    """The GPU a run with `gpu = requested` trains on (engine.hardware.run_gpu), or None."""
+    from engine.hardware import run_gpu
 
-    gpus, _ = detect_gpus()
-    return gpus[0] if gpus else None
+    return run_gpu(requested)
 
 
-def detected_vram() -> tuple[float | None, float | None]:
-    """(free, total) GB of the GPU training uses, or (None, None) on a CPU-only machine."""
-    gpu = detected_gpu()
+def detected_vram(requested: int = -1) -> tuple[float | None, float | None]:
+    """(free, total) GB of the GPU a run with `gpu = requested` uses; (None, None) without one."""
+    gpu = detected_gpu(requested)
     return (gpu.free_gb, gpu.total_gb) if gpu else (None, None)
+
+
+def chat_held_gb(gpu) -> float:
+    """GB this process's own chat model holds on `gpu`: starting a run there unloads it first,
+    so for the run that memory is free."""
+    from engine import chat
+
+    return chat.shared_gpu_gb() if chat.shared_gpu_index() == gpu.index else 0.0
 
 
 def tokens_per_second(model: CatalogModel, max_seq_len: int, gpu: GpuSpec | None) -> float:

@@ -100,3 +100,34 @@ def test_gpu_table():
     assert find_gpu("NVIDIA GeForce RTX 4070 Ti SUPER").name == "RTX 4070 Ti SUPER"
     assert find_gpu("rtx 5090").vram_gb == 32
     assert find_gpu("Tesla T4") is None
+
+
+def test_recorded_attention_is_what_transformers_runs():
+    # transformers runs SDPA by default wherever a model class supports it, else eager: the
+    # planner's seq^2 term must follow it for every architecture it knows.
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    table = catalog.attention_kernels()
+    assert {m.arch for m in MODELS} <= set(table)
+    for arch, recorded in table.items():
+        model_class = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[arch])
+        assert recorded == ("sdpa" if model_class._supports_sdpa else "eager"), arch
+    assert find("gpt-j-6b").attention == "eager" and find("gpt-neox-20b").attention == "sdpa"
+
+
+def test_a_local_folders_attention_comes_from_its_model_type(tmp_path):
+    config = {"num_hidden_layers": 2, "n_embd": 64, "n_head": 4, "vocab_size": 100,
+              "n_positions": 2048}
+    for model_type, attention in (("gptj", "eager"), ("gpt_neox", "sdpa"), ("someone-new", "sdpa")):
+        (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
+        assert shape_from_config(tmp_path).attention == attention, model_type
+
+
+def test_gpt_j_downloads_its_safetensors_revision():
+    # main holds pickle weights only; refs/pr/40 is the fp32 safetensors conversion (24.2 GB)
+    gptj = find("EleutherAI/gpt-j-6b")
+    assert (gptj.revision, gptj.weights_bits) == ("refs/pr/40", 32)
+    assert gptj.download_gb == pytest.approx(24.2, rel=0.01)
+    assert find("gpt-neox-20b").revision is None  # its main branch has safetensors
+    assert find("llama-3.1-8b").download_gb == pytest.approx(16.06, rel=0.01)  # 16-bit weights
