@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import threading
-
 import gradio as gr
 
 from app.hardware_tab import selected_model
-from engine.hardware import detect_gpus
+from engine.chat import GpuBusyError, load_shared  # light: torch loads only when a model does
 from engine.models import ModelError
-from engine.runner import RunnerError, active_run, get_run, list_runs
+from engine.runner import RunnerError, get_run, list_runs
 from engine.templates import TemplateError
 
 BASE = "__base__"
-_loaded: dict = {}  # the one chat model kept in memory: {"key": ..., "model": ChatModel}
-_lock = threading.Lock()
 
 
 def target_choices() -> list[tuple[str, str]]:
@@ -35,29 +31,11 @@ def refresh_targets():
     return gr.update(choices=target_choices(), value=default_target())
 
 
-def gpu_conflict() -> str:
-    """Why chat must wait, or '' when it may load: training and chat must not fight over one GPU."""
-    gpus, _ = detect_gpus()
-    run = active_run()
-    if gpus and run is not None:
-        return (f"Run {run.name} is training on the GPU; loading a chat model now could run it out of "
-                "memory. Stop the run or wait for it to finish, then chat.")
-    return ""
-
-
 def get_model(target: str, base_model: str):
-    from engine.chat import ChatModel  # loads torch: only when someone chats
-
-    key = (target, base_model if target == BASE else None)
-    with _lock:
-        if _loaded.get("key") != key:
-            _loaded.clear()  # free the previous model before loading the next
-            if target == BASE:
-                model = ChatModel(base_model=base_model)
-            else:
-                model = ChatModel(run_dir=get_run(target).path)
-            _loaded.update(key=key, model=model)
-        return _loaded["model"]
+    """The engine's one shared chat model for this target (a start of training unloads it)."""
+    if target == BASE:
+        return load_shared(base_model=base_model)
+    return load_shared(run_dir=get_run(target).path)
 
 
 def respond(message, history, target, temperature, top_p, max_new_tokens, model_choice, custom_model):
@@ -66,10 +44,6 @@ def respond(message, history, target, temperature, top_p, max_new_tokens, model_
         yield "", history
         return
     history.append({"role": "user", "content": message})
-    conflict = gpu_conflict()
-    if conflict:
-        yield "", history + [{"role": "assistant", "content": f"⚠️ {conflict}"}]
-        return
     try:
         model = get_model(target or BASE, selected_model(model_choice, custom_model))
         messages = [{"role": m["role"], "content": _text(m["content"])} for m in history
@@ -77,6 +51,10 @@ def respond(message, history, target, temperature, top_p, max_new_tokens, model_
         for partial in model.stream(messages, temperature=temperature, top_p=top_p,
                                     max_new_tokens=int(max_new_tokens)):
             yield "", history + [{"role": "assistant", "content": partial}]
+    except GpuBusyError as exc:
+        text = (f"⚠️ Chat has to wait: {exc}. Stop that run in the Train tab, or ask again once "
+                "it is done.")
+        yield "", history + [{"role": "assistant", "content": text}]
     except (ModelError, RunnerError, TemplateError) as exc:
         yield "", history + [{"role": "assistant", "content": f"⚠️ {exc}"}]
 

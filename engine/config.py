@@ -59,6 +59,7 @@ class RunConfig:
     gradient_checkpointing: bool = True  # recompute activations: far less memory, ~30% slower
     optimizer: str = "auto"  # auto = paged_adamw_32bit on CUDA, adamw_torch on CPU
     device: str = "auto"  # auto = cuda if available, else cpu
+    gpu: int = -1  # which GPU, as nvidia-smi numbers them (-1 = the most free memory at start)
     trust_remote_code: bool = False  # never run a model repo's own code unless asked
 
     # Bookkeeping
@@ -95,6 +96,9 @@ class RunConfig:
             problems.append(f"quant_type '{self.quant_type}' is unknown: use nf4 or fp4")
         if self.compute_dtype not in ("auto", "bf16", "fp16", "fp32"):
             problems.append(f"compute_dtype '{self.compute_dtype}' is unknown: use auto, bf16, fp16, fp32")
+        if self.gpu < -1:
+            problems.append(f"gpu {self.gpu} is not a GPU number: use -1 (the one with the most "
+                            "free memory) or an index as nvidia-smi lists them (0, 1, ...)")
         if problems:
             raise ConfigError("; ".join(problems))
         return self

@@ -6,6 +6,7 @@ importing torch or taking GPU memory for a CUDA context.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -157,3 +158,60 @@ def _cpu_name() -> str:
     import platform
 
     return platform.processor() or platform.machine()
+
+
+# --- which GPU a run (or chat) uses on a machine with several -------------------------------------
+# Indices are NVML's, which are nvidia-smi's (PCI bus order). CUDA numbers "fastest first" unless
+# CUDA_DEVICE_ORDER=PCI_BUS_ID, so every process we pin gets that too.
+
+def visible_gpus(gpus: list[Gpu]) -> list[Gpu]:
+    """The GPUs this process may use: a CUDA_VISIBLE_DEVICES the person set narrows the list
+    (read as nvidia-smi indices); without it, all of them."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return gpus
+    try:
+        wanted = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        return gpus  # GPU UUIDs or MIG names: we cannot map them to indices, so we do not narrow
+    by_index = {gpu.index: gpu for gpu in gpus}
+    return [by_index[index] for index in wanted if index in by_index]
+
+
+def pick_gpu(gpus: list[Gpu], requested: int = -1) -> Gpu | None:
+    """The GPU with index `requested`, or with -1 the one with the most free memory; None when
+    there is no GPU (the run trains on the CPU, as device auto does)."""
+    if not gpus:
+        return None
+    if requested < 0:
+        return max(gpus, key=lambda gpu: gpu.free_gb)  # ties: the lowest index
+    for gpu in gpus:
+        if gpu.index == requested:
+            return gpu
+    from engine.config import ConfigError
+
+    listed = ", ".join(f"{gpu.index} ({gpu.name})" for gpu in gpus)
+    raise ConfigError(f"GPU {requested} does not exist on this machine (usable GPUs: {listed}); "
+                      "set gpu to one of those, or to -1 for the one with the most free memory")
+
+
+def run_gpu(requested: int = -1) -> Gpu | None:
+    """The GPU a run with config `gpu = requested` trains on, as things stand now."""
+    return pick_gpu(visible_gpus(detect_gpus()[0]), requested)
+
+
+def pin_env(gpu: Gpu) -> dict[str, str]:
+    """Environment that shows a new process exactly this one GPU. With several visible,
+    transformers' Trainer would split every micro-batch over all of them (DataParallel)."""
+    return {"CUDA_VISIBLE_DEVICES": str(gpu.index), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+
+
+def cuda_index(gpu: Gpu) -> int:
+    """The number torch gives `gpu` in this process (CUDA_DEVICE_ORDER=PCI_BUS_ID must be set
+    before CUDA starts): its place in CUDA_VISIBLE_DEVICES, or its own index without that."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    try:
+        wanted = [int(part) for part in (value or "").split(",") if part.strip()]
+    except ValueError:
+        wanted = []
+    return wanted.index(gpu.index) if gpu.index in wanted else gpu.index

@@ -7,7 +7,9 @@ import types
 import pytest
 
 from engine import catalog, planner
-from engine.hardware import GIB, Gpu, detect, detect_gpus
+from engine.config import ConfigError
+from engine.hardware import (GIB, Gpu, cuda_index, detect, detect_gpus, pick_gpu, pin_env,
+                             visible_gpus)
 
 
 def test_no_gpu_here_means_cpu_mode(tmp_path):
@@ -88,6 +90,62 @@ def test_driver_with_no_gpu_is_a_note(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
     assert detect_gpus() == ([], "the NVIDIA driver reports no GPU")
     assert nvml.calls == ["init", "shutdown"]
+
+
+# --- several GPUs: which one a run uses ----------------------------------------------------------
+
+def card(index, free_gb, name=""):
+    return Gpu(index=index, name=name or f"RTX {index}", total_gb=24.0, free_gb=free_gb,
+               compute_capability="8.6", bf16=True)
+
+
+def test_pick_gpu_without_a_gpu_is_the_cpu():
+    assert pick_gpu([], -1) is None
+    assert pick_gpu([], 1) is None  # a config from a GPU machine still trains here, on the CPU
+
+
+def test_pick_gpu_auto_takes_the_most_free_memory():
+    one, two, three = [card(0, 5.0)], [card(0, 5.0), card(1, 20.0)], [card(0, 5.0), card(1, 9.0),
+                                                                     card(2, 21.0)]
+    assert pick_gpu(one, -1).index == 0
+    assert pick_gpu(two, -1).index == 1
+    assert pick_gpu(three, -1).index == 2
+    assert pick_gpu([card(0, 8.0), card(1, 8.0)], -1).index == 0  # a tie: the first
+
+
+def test_pick_gpu_by_index_and_a_missing_index_is_named():
+    three = [card(0, 5.0), card(1, 9.0, "RTX 3060"), card(2, 21.0)]
+    assert pick_gpu(three, 0).index == 0 and pick_gpu(three, 1).name == "RTX 3060"
+    with pytest.raises(ConfigError) as error:
+        pick_gpu(three, 3)
+    assert "GPU 3 does not exist" in str(error.value) and "1 (RTX 3060)" in str(error.value)
+    assert "-1" in str(error.value)
+
+
+def test_cuda_visible_devices_narrows_the_gpus_and_renumbers_them_for_torch(monkeypatch):
+    three = [card(0, 5.0), card(1, 9.0), card(2, 21.0)]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert visible_gpus(three) == three and cuda_index(three[2]) == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,0")
+    assert [g.index for g in visible_gpus(three)] == [2, 0]
+    assert cuda_index(three[0]) == 1  # torch's second device
+    with pytest.raises(ConfigError):
+        pick_gpu(visible_gpus(three), 1)  # hidden by the person's CUDA_VISIBLE_DEVICES
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus(three) == []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8d1c2a")
+    assert visible_gpus(three) == three  # a UUID: not ours to map, nothing narrowed
+
+
+def test_pin_env_shows_one_gpu_in_nvidia_smi_order():
+    assert pin_env(card(3, 1.0)) == {"CUDA_VISIBLE_DEVICES": "3", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+
+
+def test_two_gpus_from_nvml_keep_their_indices(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(count=2))
+    gpus, _ = detect_gpus()
+    assert [g.index for g in gpus] == [0, 1]
+    assert "GPU 1: NVIDIA GeForce RTX 3060" in detect().summary()
 
 
 # --- catalog recommendations ------------------------------------------------------------------
