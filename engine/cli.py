@@ -8,10 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
-from engine.config import ConfigError, RunConfig, load_recipe, recipe_names
+import yaml
+
+from engine.catalog import default_template
+from engine.config import PRESETS_DIR, ConfigError, RunConfig, load_recipe, recipe_names
 from engine.data import DataError, read_dataset
 from engine.models import ModelError
 from engine.readers import is_hub_id
@@ -42,6 +46,7 @@ TRAIN_FLAGS = {
     "grad_accum": (int, "micro-batches per optimizer step"),
     "save_steps": (int, "checkpoint every N steps"),
     "seed": (int, "random seed"),
+    "gpu": (int, "GPU index as nvidia-smi lists it (default -1: the one with most free memory)"),
 }
 FIELD_OF_FLAG = {"data": "data_path", "eval_data": "eval_data_path", "micro_batch": "micro_batch_size",
                  "grad_accum": "grad_accum_steps", "format": "data_format", "columns": "data_columns"}
@@ -143,7 +148,6 @@ def cmd_data(args) -> int:
 
 def cmd_train(args) -> int:
     from engine.rundir import RunDir
-    from engine.train import run_training
 
     if args.run_dir:
         run = RunDir(args.run_dir)
@@ -155,11 +159,32 @@ def cmd_train(args) -> int:
         run = _new_run(args)
     if not args.background:
         run.stop_path.unlink(missing_ok=True)  # an old stop request is not meant for this session
+    if not args.background:  # the runner pinned the runs it spawns
+        _pin_gpu(run)
+    from engine.train import run_training  # after pinning: torch must not see the other GPUs
+
     _setup_logging(run, args.background)
     state = run_training(str(run.path), resume=args.resume)
     status = run.read_status()
     print(f"{state}: {status.get('message', '')} ({run.path})", file=sys.stderr)
-    return 0 if state in ("finished", "stopped") else 1
+    if state == "retrying":  # out of GPU memory: a new background process goes on with the run
+        print(f"the run goes on in the background; follow it in {run.log_path}", file=sys.stderr)
+    return 0 if state in ("finished", "stopped", "retrying") else 1
+
+
+def _pin_gpu(run) -> None:
+    """Show this process only the run's GPU, before torch starts CUDA: with several visible,
+    transformers' Trainer would split every micro-batch over all of them (DataParallel)."""
+    from engine.hardware import pin_env, run_gpu
+
+    chosen = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if chosen is not None and not chosen.replace(",", "").replace(" ", "").isdigit():
+        return  # GPU UUIDs, MIG names, or "" (no GPU): the person chose, and we cannot narrow it
+    cfg = RunConfig.load(run.config_path)
+    gpu = None if cfg.device == "cpu" else run_gpu(cfg.gpu)  # within CUDA_VISIBLE_DEVICES, if set
+    if gpu is not None:
+        os.environ.update(pin_env(gpu))
+        run.write_status(gpu=gpu.index, gpu_name=gpu.name)
 
 
 def _new_run(args):
@@ -171,15 +196,17 @@ def _new_run(args):
     if out.exists() and any(out.iterdir()):
         raise CliError(f"{out} already exists and is not empty: choose a new --out folder")
     if args.config:
-        cfg = RunConfig.load(args.config)
+        cfg, chosen = RunConfig.load(args.config), _settings_in(Path(args.config))
     elif args.recipe:
-        cfg = load_recipe(args.recipe)
+        cfg, chosen = load_recipe(args.recipe), _settings_in(PRESETS_DIR / "recipes" / f"{args.recipe}.yaml")
     else:
-        cfg = RunConfig()
+        cfg, chosen = RunConfig(), set()
     for flag in TRAIN_FLAGS:
         value = getattr(args, flag)
         if value is not None:
             setattr(cfg, FIELD_OF_FLAG.get(flag, flag), value)
+    if args.template is None and "template" not in chosen:
+        cfg.template = default_template(cfg.model)  # config.yaml records the name it resolved to
     if args.skip_bad_rows:
         cfg.skip_bad_rows = True
     for name in ("data_path", "eval_data_path"):
@@ -196,6 +223,11 @@ def _new_run(args):
     cfg.save(run.config_path)
     run.write_status(state="queued", step=0, message="starting")
     return run
+
+
+def _settings_in(path: Path) -> set[str]:
+    """The settings a config or recipe file names itself (the rest are RunConfig's defaults)."""
+    return set(yaml.safe_load(path.read_text()) or {})
 
 
 def _setup_logging(run, background: bool) -> None:

@@ -59,7 +59,7 @@ class RunDir:
         status = self._read_raw_status()
         if not status:
             return {"state": "failed", "message": "this run has no status.json (not a run folder?)"}
-        if status.get("state") in LIVE_STATES and status.get("pid") and not _alive(
+        if status.get("state") in LIVE_STATES and status.get("pid") and not process_alive(
             status.get("pid"), status.get("pid_created")
         ):
             tail = self.log_tail(5)
@@ -161,7 +161,7 @@ def process_created(pid: int) -> float:
     return psutil.Process(pid).create_time()
 
 
-def _alive(pid, created=None) -> bool:
+def process_alive(pid, created=None) -> bool:
     try:
         proc = psutil.Process(int(pid))
         if created is not None and abs(proc.create_time() - float(created)) > 1.0:

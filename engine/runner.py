@@ -17,7 +17,8 @@ from pathlib import Path
 
 from filelock import FileLock  # cross-platform file lock (a dependency of huggingface_hub)
 
-from engine.config import RunConfig
+from engine.config import ConfigError, RunConfig
+from engine.hardware import Gpu, pin_env, run_gpu
 from engine.paths import PROJECT_DIR, data_dir, runs_dir
 from engine.rundir import LIVE_STATES, RunDir, process_created, replace_atomically
 
@@ -50,9 +51,35 @@ def create_run(cfg: RunConfig, name: str = "", parent: Path | None = None) -> Ru
 
 def start_run(cfg: RunConfig, name: str = "") -> RunDir:
     """Create a run and start it now, or queue it behind the run that holds the GPU."""
+    gpu = _gpu_for(cfg)  # first: a GPU that does not exist leaves no run folder behind
     run = create_run(cfg, name)
+    _unload_chat_for(run, gpu)
     _start_or_queue(run, resume=False)
     return run
+
+
+def _gpu_for(cfg: RunConfig) -> Gpu | None:
+    """The GPU a run with this config trains on, as things stand now; None on the CPU."""
+    try:
+        return None if cfg.device == "cpu" else run_gpu(cfg.gpu)
+    except ConfigError as exc:  # e.g. the GPU it names is gone: another machine, a card removed
+        raise RunnerError(str(exc)) from None
+
+
+def _unload_chat_for(run: RunDir, gpu: Gpu | None) -> str:
+    """Unload this process's chat model when the run will train on the GPU it is on, so training
+    gets that memory, and note it in the run's status; the note, or '' when nothing was unloaded.
+    Also when the run is queued: another process starts it later, and that one cannot free it."""
+    from engine import chat
+
+    if gpu is None or chat.shared_gpu_index() != gpu.index:
+        return ""
+    label = chat.unload_shared()
+    if label is None:
+        return ""
+    note = f"the chat model ({label}) was unloaded to free GPU {gpu.index} for training"
+    run.write_status(chat_unloaded=note)
+    return note
 
 
 def ensure_resumable(run: RunDir) -> None:
@@ -69,9 +96,11 @@ def resume_run(run: RunDir) -> str:
     ensure_resumable(run)
     checkpoint = run.latest_checkpoint()
     where = f"from {checkpoint.name}" if checkpoint else "from the start (it has no checkpoint yet)"
+    note = _unload_chat_for(run, _gpu_for(RunConfig.load(run.config_path)))
     started = _start_or_queue(run, resume=True)
-    return f"resuming run {run.name} {where}" if started else \
+    text = f"resuming run {run.name} {where}" if started else \
         f"run {run.name} will resume {where} when the active run ends (queued)"
+    return text + (f"; {note}" if note else "")
 
 
 def _start_or_queue(run: RunDir, resume: bool) -> bool:
@@ -86,11 +115,24 @@ def _start_or_queue(run: RunDir, resume: bool) -> bool:
     return False
 
 
+def _detached_popen_kwargs() -> dict:
+    """Popen arguments that let the training process outlive the UI: Ctrl-C on the UI, or its
+    closed console window, must not reach it (it stops through stop.request, never a signal)."""
+    if sys.platform != "win32":
+        return {"start_new_session": True}
+    # A process group of its own: Ctrl-C in the UI's console is not delivered to it.
+    # CREATE_NO_WINDOW: a console of its own, hidden, so closing the UI's window does not end it
+    # and the console programs it starts (nvidia-smi, compilers) open no window. DETACHED_PROCESS
+    # would survive too, but every console program it started would pop up a window of its own.
+    # stdout still goes to train.log either way: Popen hands the file over explicitly.
+    return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW}
+
+
 def spawn(run: RunDir, resume: bool = False) -> subprocess.Popen:
     # Clear an old stop request here, not in the trainer: a stop asked for while the new process
     # is still starting must not be lost.
     run.stop_path.unlink(missing_ok=True)
-    env = dict(os.environ, QLS_DATA_DIR=str(data_dir()), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, QLS_DATA_DIR=str(data_dir()), PYTHONUNBUFFERED="1", **_pin_to_gpu(run))
     command = [sys.executable, "-m", "engine", "train", str(run.path), "--background"]
     if resume:
         command.append("--resume")
@@ -98,7 +140,7 @@ def spawn(run: RunDir, resume: bool = False) -> subprocess.Popen:
         process = subprocess.Popen(
             command, cwd=PROJECT_DIR, env=env, stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            start_new_session=True,  # survives the UI process: Ctrl-C on the UI does not kill it
+            **_detached_popen_kwargs(),  # survives the UI process: Ctrl-C on it does not reach it
         )
     # "running" from the moment the process exists, so a second start sees the GPU as taken.
     try:
@@ -108,6 +150,18 @@ def spawn(run: RunDir, resume: bool = False) -> subprocess.Popen:
     run.write_status(state="running", pid=process.pid, pid_created=created,
                      message="starting the training process", error="")
     return process
+
+
+def _pin_to_gpu(run: RunDir) -> dict[str, str]:
+    """The child's environment for exactly the run's GPU (its gpu setting, or the one with the most
+    free memory now), recorded in status.json for chat and the UI; nothing for a CPU run."""
+    try:
+        gpu = _gpu_for(RunConfig.load(run.config_path))
+    except (ConfigError, RunnerError) as exc:
+        run.write_status(state="failed", pid=None, message=str(exc), error=str(exc))
+        raise RunnerError(f"run {run.name} cannot start: {exc}") from None
+    run.write_status(gpu=gpu.index if gpu else None, gpu_name=gpu.name if gpu else "")
+    return pin_env(gpu) if gpu else {}
 
 
 # --- the queue: one training job per GPU ------------------------------------------------------

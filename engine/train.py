@@ -25,61 +25,136 @@ from engine import checkpoints
 from engine.callback import StudioCallback
 from engine.config import ConfigError, RunConfig
 from engine.data import DataError, load_conversations
-from engine.faults import disk_message, is_disk_problem, is_out_of_memory, oom_message
+from engine.faults import (
+    disk_message,
+    injected_faults,
+    is_disk_problem,
+    is_out_of_memory,
+    model_too_big_message,
+    oom_message,
+)
 from engine.models import (
     ModelError,
     compute_dtype,
+    download,
+    download_status,
     load_quantized_model,
     load_tokenizer,
     pick_device,
     resolve_model,
 )
-from engine.rundir import RunDir, process_created
+from engine.rundir import RunDir, process_alive, process_created
 from engine.templates import IGNORE_INDEX, TemplateError, encode, get_template, pack, text_tokens
 
 log = logging.getLogger("engine.train")
 TEMPLATE_FILE = "prompt_template.json"
 KNOWN_ERRORS = (ConfigError, DataError, ModelError, TemplateError)
+RETRYING = "retrying"  # run_training's answer when the run goes on in a fresh process
+MAX_OOM_RETRIES = 3  # micro-batch 8 -> 4 -> 2 -> 1; each retry loads the model again
+PREDECESSOR_WAIT_S = 60  # a process that handed its run over exits in seconds; a hung one is ended
+
+
+class OutOfMemoryInStep(RuntimeError):
+    """GPU out of memory in a training (or eval) step: a smaller micro-batch may fit."""
 
 
 def run_training(run_dir: str, resume: bool = False) -> str:
-    """Train one run to its end; returns the final state (finished, stopped or failed).
+    """Train one run to its end; returns the final state (finished, stopped or failed), or
+    "retrying" when a GPU out-of-memory handed the run to a fresh process that goes on with it.
 
     When it ends, for whatever reason, the next queued run gets the GPU: the queue moves on even
-    with no UI open."""
+    with no UI open. A run handed to a fresh process has not ended: the queue waits for that one."""
     run = RunDir(run_dir)
+    taking_over = _wait_for_predecessor(run)
     pid = psutil.Process().pid
+    notes = (run.read_status().get("notes") or []) if taking_over else []  # retries so far
     run.write_status(state="running", pid=pid, pid_created=process_created(pid),
-                     started=time.time(), message="loading the model", error="", notes=[])
+                     started=time.time(), message="loading the model", error="", notes=notes,
+                     predecessor_pid=None, predecessor_created=None)
     # A plain `kill` (SIGTERM) or Ctrl-C is a stop request: save, then exit, like the Stop button.
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # On Windows Ctrl-Break too: what a process group of its own gets (CTRL_BREAK_EVENT).
+    stop_signals = [signal.SIGTERM, signal.SIGINT]
+    if hasattr(signal, "SIGBREAK"):
+        stop_signals.append(signal.SIGBREAK)
+    for sig in stop_signals:
         signal.signal(sig, lambda *_: run.request_stop())
+    state = "failed"  # also when something escapes: the GPU still goes to the next queued run
     try:
-        return _train_with_retries(run, resume)
+        state = _train_with_retries(run, resume)
     finally:
-        _hand_over_gpu(run)
+        _hand_over_gpu(run, to_successor=state == RETRYING)
+    return state
 
 
 def _train_with_retries(run: RunDir, resume: bool) -> str:
-    """_train, and on GPU out-of-memory again from the last checkpoint with half the micro-batch."""
-    while True:
-        try:
-            cfg = RunConfig.load(run.config_path).validate()
-            return _train(run, cfg, resume)
-        except KNOWN_ERRORS as exc:
-            return _fail(run, str(exc))
-        except Exception as exc:  # noqa: BLE001 - anything else still ends as a readable status
-            if not is_out_of_memory(exc):
-                if is_disk_problem(exc):
-                    return _fail(run, disk_message(run, exc))
-                log.error("unexpected error:\n%s", traceback.format_exc())
-                return _fail(run, f"unexpected error: {type(exc).__name__}: {exc} (details in train.log)")
-            if cfg.micro_batch_size <= 1:
-                return _fail(run, oom_message(run, cfg))
-        # Retry outside the except block: the exception's frames hold the failed attempt's tensors.
-        _free_memory()
-        cfg = _halve_micro_batch(run, cfg)
-        resume = True
+    """_train; on GPU out-of-memory in a step, the run goes on from its last checkpoint with half
+    the micro-batch in a fresh process (a CUDA context left broken by an OOM could poison a retry
+    in this one)."""
+    try:
+        cfg = RunConfig.load(run.config_path).validate()
+        return _train(run, cfg, resume)
+    except KNOWN_ERRORS as exc:
+        return _fail(run, str(exc))
+    except Exception as exc:  # noqa: BLE001 - anything else still ends as a readable status
+        if not isinstance(exc, OutOfMemoryInStep) and not is_out_of_memory(exc):
+            if is_disk_problem(exc):
+                return _fail(run, disk_message(run, exc))
+            log.error("unexpected error:\n%s", traceback.format_exc())
+            return _fail(run, f"unexpected error: {type(exc).__name__}: {exc} (details in train.log)")
+        in_step = isinstance(exc, OutOfMemoryInStep)
+    # Go on outside the except block: the exception's frames hold the failed attempt's tensors,
+    # and the free memory the message reports must not count them.
+    _free_memory()
+    if not in_step:  # while loading: the model itself does not fit, whatever the micro-batch
+        return _fail(run, model_too_big_message(cfg))
+    return _hand_to_new_process(run, cfg)
+
+
+def _hand_to_new_process(run: RunDir, cfg: RunConfig) -> str:
+    """Halve the micro-batch and start a fresh process that resumes the run once this one has
+    exited. The run stays "running" throughout: status.json's pid becomes the new process's."""
+    retries = len(run.read_status().get("notes") or [])
+    if cfg.micro_batch_size <= 1 or retries >= MAX_OOM_RETRIES:
+        return _fail(run, oom_message(run, cfg, retries))
+    _halve_micro_batch(run, cfg)
+    from engine.runner import RunnerError, spawn
+
+    stop_asked = run.stop_requested()
+    pid = psutil.Process().pid
+    # The new process waits for this one to end before it touches the GPU (see run_training).
+    run.write_status(predecessor_pid=pid, predecessor_created=process_created(pid))
+    try:
+        # absolute: the new process starts in the project folder, not in this one's
+        successor = spawn(RunDir(run.path.resolve()), resume=True)
+    except (OSError, RunnerError) as exc:
+        return _fail(run, f"could not start a new training process for the retry ({exc}); the last "
+                     "checkpoint is kept: Resume continues from it")
+    if stop_asked:
+        run.request_stop()  # spawn clears stop requests as old; this one is for the new process
+    log.info("the run goes on in a new training process (pid %d) once this one has exited",
+             successor.pid)
+    return RETRYING
+
+
+def _wait_for_predecessor(run: RunDir) -> bool:
+    """True when this process takes the run over from one that ran out of GPU memory, after that
+    process has ended: its GPU memory is only free then."""
+    status = run.read_status()
+    pid, created = status.get("predecessor_pid"), status.get("predecessor_created")
+    if not pid:
+        return False
+    log.info("taking the run over from process %s after GPU out of memory: waiting for it to end",
+             pid)
+    for _ in range(PREDECESSOR_WAIT_S * 5):
+        if not process_alive(pid, created):
+            return True
+        time.sleep(0.2)
+    log.warning("process %s has not exited after %d s: ending it", pid, PREDECESSOR_WAIT_S)
+    try:
+        psutil.Process(int(pid)).kill()
+    except psutil.Error:
+        pass  # it ended just now
+    return True
 
 
 def _halve_micro_batch(run: RunDir, cfg: RunConfig) -> RunConfig:
@@ -106,6 +181,7 @@ def _train(run: RunDir, cfg: RunConfig, resume: bool) -> str:
 
     set_seed(cfg.seed)
     device = pick_device(cfg.device)
+    _cap_gpu_memory(device)
     dtype, dtype_why = compute_dtype(cfg.compute_dtype, device)
     source = resolve_model(cfg.model)
     tokenizer = load_tokenizer(source, cfg.trust_remote_code)
@@ -115,6 +191,8 @@ def _train(run: RunDir, cfg: RunConfig, resume: bool) -> str:
     train_set = Dataset.from_list(_tokenise(train_rows, tokenizer, template, cfg, "training"))
     eval_set = Dataset.from_list(_tokenise(eval_rows, tokenizer, template, cfg, "eval")) if eval_rows else None
 
+    download(source, download_status(run.write_status, source))
+    run.write_status(message=f"loading {source} into 4-bit")
     model = load_quantized_model(source, cfg.quant_type, cfg.double_quant, dtype, device,
                                  cfg.trust_remote_code)
     model = prepare_model_for_kbit_training(
@@ -169,7 +247,7 @@ def _train(run: RunDir, cfg: RunConfig, resume: bool) -> str:
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
-        callbacks=[callback],
+        callbacks=[callback, *injected_faults(run)],
     )
     trainer.remove_callback(PrinterCallback)  # our callback already logs each step, readably
     setup = f"training on {device} with {optimizer}, compute {dtype_why}"
@@ -179,7 +257,12 @@ def _train(run: RunDir, cfg: RunConfig, resume: bool) -> str:
     checkpoint = _resume_point(run) if resume else None
     # Steps past the checkpoint are trained again: their old chart points go (a fresh start: all).
     run.drop_metrics_after(checkpoints.step_of(checkpoint) if checkpoint else 0)
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except Exception as exc:
+        if is_out_of_memory(exc):  # in a step, unlike one while loading: a retry may fit
+            raise OutOfMemoryInStep(str(exc)) from exc
+        raise
 
     step = trainer.state.global_step
     if callback.bad_loss:
@@ -200,6 +283,30 @@ def _train(run: RunDir, cfg: RunConfig, resume: bool) -> str:
     run.write_status(state=state, message=message, step=step, eta_s=0)
     log.info(message)
     return state
+
+
+def _cap_gpu_memory(device: str) -> None:
+    """QLS_GPU_MEMORY_GB: train within this many GB, leaving the rest of the card to a display or
+    another program (and letting a test force a real out-of-memory on a big card)."""
+    value = os.environ.get("QLS_GPU_MEMORY_GB", "").strip()
+    if not value:
+        return
+    try:
+        limit_gb = float(value)
+    except ValueError:
+        limit_gb = 0.0
+    if limit_gb <= 0:
+        raise ConfigError(f"QLS_GPU_MEMORY_GB is '{value}': set it to the GB of GPU memory "
+                          "training may use, e.g. 10.5, or unset it")
+    if device != "cuda":
+        log.info("QLS_GPU_MEMORY_GB=%s ignored: training runs on the %s, not a GPU", value, device)
+        return
+    import torch
+
+    total_gb = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1024**3
+    torch.cuda.set_per_process_memory_fraction(min(limit_gb / total_gb, 1.0))
+    log.info("GPU memory capped at %.1f GB of %.1f GB (QLS_GPU_MEMORY_GB)",
+             min(limit_gb, total_gb), total_gb)
 
 
 def _frozen_embeddings_to(model, dtype) -> None:
@@ -304,10 +411,12 @@ def _fail(run: RunDir, message: str) -> str:
     return "failed"
 
 
-def _hand_over_gpu(run: RunDir) -> None:
+def _hand_over_gpu(run: RunDir, to_successor: bool = False) -> None:
     """Free this process's GPU memory, then start the next queued run, if this run is in the queue's
-    runs folder."""
+    runs folder; not when the run goes on in a successor process, which holds the GPU next."""
     _free_memory()
+    if to_successor:
+        return
     try:
         from engine.paths import runs_dir
         from engine.runner import start_next
@@ -327,4 +436,7 @@ def _free_memory() -> None:
     gc.collect()
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.empty_cache()
+        except RuntimeError as exc:  # a CUDA context broken by the error; exiting frees it all
+            log.warning("could not free GPU memory: %s", exc)
