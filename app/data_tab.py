@@ -9,6 +9,7 @@ import gradio as gr
 import pandas as pd
 
 from app.hardware_tab import selected_model
+from engine.catalog import default_template
 from engine.data import FORMATS, DataReport, read_dataset
 from engine.datastats import StatsCollector
 from engine.paths import uploads_dir
@@ -68,6 +69,12 @@ def check_data(file, hub_id, fmt, columns, template, max_seq_len, skip_bad_rows,
     stats_text = stats_markdown(stats) if stats else ""
     size = {"rows": stats.rows, "tokens_per_epoch": stats.tokens_per_epoch} if stats and usable else {}
     return (source if usable else ""), summary, preview, stats_text, histogram_frame(stats), size
+
+
+def template_for(model_choice, custom_model) -> str:
+    """The prompt format the chosen model trains with unless changed: its catalog entry's, or for
+    another model "model" when it ships a chat template, else guanaco."""
+    return default_template(selected_model(model_choice, custom_model))
 
 
 def describe(report: DataReport, shown: str, skip_bad_rows: bool) -> str:
@@ -145,8 +152,8 @@ def build(hardware: dict) -> dict:
             columns = gr.Textbox(label="Column mapping (csv/parquet, optional)",
                                  placeholder="prompt=question,completion=answer", elem_id="data-columns")
     with gr.Row():
-        template = gr.Dropdown(choices=TEMPLATES, value="guanaco", label="Prompt format",
-                               elem_id="template-choice")
+        template = gr.Dropdown(choices=TEMPLATES, label="Prompt format", elem_id="template-choice",
+                               value=template_for(hardware["model"].value, hardware["custom_model"].value))
         max_seq_len = gr.Number(value=512, precision=0, label="Max sequence length (tokens)",
                                 elem_id="data-max-seq-len")
         skip = gr.Checkbox(value=False, label="Skip bad rows (train on the good ones)",
@@ -178,6 +185,11 @@ def build(hardware: dict) -> dict:
     hub_id.submit(check_data, inputs, outputs, api_name=False)
     for control in (fmt, template, skip):
         control.change(check_data, inputs, outputs, api_name=False)
+    # The format follows the chosen model (and the preview follows the format); it can still be changed.
+    models = [hardware["model"], hardware["custom_model"]]
+    hardware["model"].change(template_for, models, template, api_name=False)
+    for event in (hardware["custom_model"].submit, hardware["custom_model"].blur):
+        event(template_for, models, template, api_name=False)
     for control in (columns, max_seq_len):
         control.submit(check_data, inputs, outputs, api_name=False)
     eval_upload.upload(check_eval, [eval_upload, fmt, columns], [eval_path, eval_message],

@@ -11,7 +11,7 @@ from app.hardware_tab import selected_model
 from engine import planner
 from engine.catalog import CatalogError
 from engine.config import ConfigError, load_recipe, recipe_description, recipe_names
-from engine.hardware import detect_gpus
+from engine.hardware import detect_gpus, visible_gpus
 from engine.rundir import LIVE_STATES
 from engine.runner import (RunnerError, active_run, get_run, list_runs, queued_runs, resume_run,
                            start_run, stop_run)
@@ -36,6 +36,15 @@ FIELDS = [
 SCHEDULES = ["constant", "cosine", "linear"]
 # Set in the Data tab, passed into the run configuration in this order.
 DATA_FIELDS = ("eval_data_path", "eval_share", "data_format", "data_columns", "skip_bad_rows")
+# After the data fields, so the API's positional parameters before it keep their places.
+MACHINE_FIELDS = ("gpu",)
+
+
+def gpu_choices(gpus: list) -> list[tuple[str, int]]:
+    """The GPU picker (shown with two or more): auto first, then each card with its free memory."""
+    return [("auto: most free memory", -1)] + [
+        (f"GPU {g.index}: {g.name}, {g.free_gb:.1f} GB free of {g.total_gb:.0f} GB", g.index)
+        for g in gpus]
 
 
 def _component(field: str, label: str, kind: str, value):
@@ -53,7 +62,7 @@ def recipe_values(recipe: str) -> list:
 def start(recipe, model_choice, custom_model, data_path, template, *values):
     if not data_path:
         return gr.update(), "⚠️ Upload a valid training file in the Data tab first."
-    names = [field for field, *_ in FIELDS] + list(DATA_FIELDS)
+    names = [field for field, *_ in FIELDS] + list(DATA_FIELDS) + list(MACHINE_FIELDS)
     overrides = dict(zip(names, values))
     try:
         cfg = load_recipe(recipe, model=selected_model(model_choice, custom_model),
@@ -88,8 +97,14 @@ def _on_run(run_name, action) -> str:
 
 def started_message(run) -> str:
     if run.read_status().get("state") == "queued":
-        return f"Queued run **{run.name}**: it starts when the run ahead of it ends (Runs tab: reorder, cancel)."
-    return f"Started run **{run.name}**."
+        return (f"Queued run **{run.name}**: it starts when the run ahead of it ends (Runs tab: "
+                f"reorder, cancel).{_chat_note(run)}")
+    return f"Started run **{run.name}**." + _chat_note(run)
+
+
+def _chat_note(run) -> str:
+    note = run.read_status().get("chat_unloaded")
+    return f" Note: {note} (the Chat tab loads it again when you next ask)." if note else ""
 
 
 def queue_note() -> str:
@@ -153,6 +168,10 @@ def status_markdown(status: dict, metrics: list[dict]) -> str:
     text = " · ".join(parts)
     if status.get("message"):
         text += f"\n\n{status['message']}"
+    done, total = status.get("download_done_gb") or 0, status.get("download_total_gb")
+    if state in LIVE_STATES and total and done < total:
+        filled = round(24 * done / total)
+        text += f"\n\n`{'█' * filled}{'░' * (24 - filled)}` {100 * done / total:.0f}%"
     if state == "failed" and status.get("error") and status["error"] != status.get("message"):
         text += f"\n\n```\n{status['error']}\n```"
     return text
@@ -177,7 +196,7 @@ def memory_refusal(cfg) -> str | None:
 
 
 def memory_bar(model_choice, custom_model, max_seq_len, micro_batch, lora_r, epochs=0, max_steps=-1,
-               grad_accum=1, data_size=None) -> str:
+               grad_accum=1, data_size=None, gpu_index=-1) -> str:
     """HTML: the plan's parts as one stacked bar against the card's free memory, with a legend,
     and a first guess of the training time for the uploaded data."""
     try:
@@ -187,8 +206,12 @@ def memory_bar(model_choice, custom_model, max_seq_len, micro_batch, lora_r, epo
         model = None
     if model is None:
         return "<p>Memory plan: unknown model shape (a Hub id outside the catalog) or incomplete settings.</p>"
-    gpu = planner.detected_gpu()
-    free = gpu.free_gb if gpu else None
+    try:
+        gpu = planner.detected_gpu(_int(gpu_index, -1))
+    except ConfigError:  # the card it names is gone: plan against the most free one
+        gpu = planner.detected_gpu()
+    # Memory held by the app's own chat model counts as free: starting the run unloads it.
+    free = min(gpu.free_gb + planner.chat_held_gb(gpu), gpu.total_gb) if gpu else None
     result = planner.plan(model, max(length, 1), max(batch, 1), max(rank, 1), free)
     scale = max(result.total_gb, free or 0) or 1.0
     segments = "".join(
@@ -253,11 +276,14 @@ def build(hardware: dict, data: dict) -> dict:
             for field, label, kind, advanced in FIELDS:
                 if advanced:
                     by_field[field] = _component(field, label, kind, getattr(defaults, field))
+    gpus = visible_gpus(detect_gpus()[0])
+    gpu = gr.Dropdown(gpu_choices(gpus), value=-1, label="GPU", visible=len(gpus) >= 2,
+                      elem_id="cfg-gpu")
     components = [by_field[field] for field, *_ in FIELDS]
     recipe.change(recipe_values, recipe, [description] + components, api_name=False)
     plan_inputs = [hardware["model"], hardware["custom_model"], by_field["max_seq_len"],
                    by_field["micro_batch_size"], by_field["lora_r"], by_field["epochs"],
-                   by_field["max_steps"], by_field["grad_accum_steps"], data["data_size"]]
+                   by_field["max_steps"], by_field["grad_accum_steps"], data["data_size"], gpu]
     memory = gr.HTML(memory_bar(*[c.value for c in plan_inputs]), elem_id="memory-plan-html")
     for component in plan_inputs:
         component.change(memory_bar, plan_inputs, memory, api_name=False, show_progress="hidden")
@@ -283,7 +309,7 @@ def build(hardware: dict, data: dict) -> dict:
 
     inputs = [recipe, hardware["model"], hardware["custom_model"], data["data_path"], data["template"]]
     data_inputs = [data["config_inputs"][field] for field in DATA_FIELDS]
-    start_button.click(start, inputs + components + data_inputs, [run, message],
+    start_button.click(start, inputs + components + data_inputs + [gpu], [run, message],
                        api_name="start_training")
     stop_button.click(stop, run, message, api_name="stop_training")
     resume_button.click(resume, run, message, api_name="resume_training")

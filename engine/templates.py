@@ -40,9 +40,17 @@ class Template:
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         if self.name == "model":
-            return self.chat_template_tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
+            from jinja2 import TemplateError as JinjaError
+
+            try:
+                return self.chat_template_tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=add_generation_prompt
+                )
+            except JinjaError as exc:  # the template's own refusal, e.g. Gemma's "System role not supported"
+                raise TemplateError(
+                    f"this model's chat template refuses the conversation: {exc}. Change the rows "
+                    "(Gemma, for one, takes no system messages) or choose guanaco or alpaca"
+                ) from exc
         text = ""
         for message in messages:
             text += self._turn(message["role"], message["content"], first=not text)
@@ -87,6 +95,10 @@ def assistant_spans(template: Template, messages: list[dict]) -> tuple[str, list
             continue
         prompt = template.render(messages[:i], add_generation_prompt=True)
         upto = template.render(messages[: i + 1])
+        if not text.startswith(upto) and template.eos and upto.endswith(template.eos):
+            # Some chat templates (Phi-3's) close a finished conversation with EOS: mid-conversation
+            # that EOS is not there, and the answer's span ends before it.
+            upto = upto[: -len(template.eos)]
         if not (text.startswith(upto) and upto.startswith(prompt)):
             raise TemplateError(
                 f"the '{template.name}' template does not render conversations incrementally, "
