@@ -6,7 +6,8 @@ The reference is the QLoRA recipe as transformers' and peft's docs give it: a 4-
 double quantization (bitsandbytes), peft's prepare_model_for_kbit_training, LoRA on all linear
 layers with the paper's r=64, alpha=16, dropout 0.1, transformers' Trainer with lr 2e-4 constant,
 max grad norm 0.3, gradient checkpointing, bf16. Ours is `engine.train.run_training` with the
-`paper` recipe (which differs only where engine/train.py says why). Each stack runs in its own
+`paper` recipe (which differs only where engine/train.py says why), and its compute dtype chosen
+for this CPU (engine.models.compute_dtype: fp32 where bf16 is not native or measures slower). Each stack runs in its own
 process, so peak RSS is its own. Both see the same tokenised rows (tests/facts.py, guanaco format).
 On a CPU the paged optimizer does not exist: both use AdamW (torch).
 """
@@ -45,7 +46,8 @@ def run_ours(data: Path, steps: int, work: Path) -> dict:
     assert run_training(str(run.path)) == "finished", run.read_status()
     losses = [m for m in run.read_metrics() if m.get("loss") is not None]
     return {"seconds": time.time() - started, "final_loss": losses[-1]["loss"],
-            "tokens_per_s": _median([m["tokens_per_s"] for m in losses[1:]])}
+            "tokens_per_s": _median([m["tokens_per_s"] for m in losses[1:]]),
+            "compute": run.read_status().get("compute_why", "?")}
 
 
 def run_reference(data: Path, steps: int, work: Path) -> dict:
@@ -102,7 +104,7 @@ def run_reference(data: Path, steps: int, work: Path) -> dict:
                       callbacks=[Rate()])
     trainer.train()
     return {"seconds": time.time() - started, "final_loss": losses[-1],
-            "tokens_per_s": _median(rates[1:])}
+            "tokens_per_s": _median(rates[1:]), "compute": "bf16 (the paper's compute dtype)"}
 
 
 def _median(values: list[float]) -> float:
@@ -140,6 +142,8 @@ def main() -> int:
             return 1
         results[stack] = json.loads(line[len("RESULT "):])
         print(stack, results[stack], flush=True)
+    ratio = results["ours"]["tokens_per_s"] / results["reference"]["tokens_per_s"]
+    print(f"ours / reference tokens/s: {ratio:.2f}")
     if args.out:
         args.out.write_text(report(results, args.steps))
     return 0
@@ -148,22 +152,27 @@ def main() -> int:
 def report(results: dict, steps: int) -> str:
     import torch
 
+    from engine.hardware import _cpu_name, cpu_bf16_native
+
+    native = {True: "yes", False: "no", None: "unknown (flags not readable)"}[cpu_bf16_native()]
+    ratio = results["ours"]["tokens_per_s"] / results["reference"]["tokens_per_s"]
     lines = [
         "# Our engine against the reference QLoRA stack, on the CPU",
         "",
-        f"- machine: {platform.processor() or platform.machine()}, {_cores()} cores, no GPU; "
-        f"torch {torch.__version__}",
+        f"- machine: {_cpu_name()} ({platform.machine()}), {_cores()} cores, no GPU; native bf16: "
+        f"{native}; torch {torch.__version__}",
         f"- date: {time.strftime('%Y-%m-%d')}",
-        f"- command: `.venv/bin/python bench/cpu_train.py --steps {steps} --out bench/cpu_train.md`",
+        f"- command: `.venv/bin/python bench/cpu_train.py --steps {steps} --out FILE`",
         "- model: the embedded SmolLM2-135M-Instruct in NF4 + double quantization; LoRA r=64, "
-        "alpha=16, dropout 0.1 on all linear layers; micro-batch 4, 256 tokens, bf16 autocast",
+        "alpha=16, dropout 0.1 on all linear layers; micro-batch 4, 256 tokens",
         "",
-        "| stack | tokens/s (median) | peak RSS GB | wall s (load + train) | final loss |",
-        "| --- | --- | --- | --- | --- |",
+        "| stack | compute | tokens/s (median) | peak RSS GB | wall s (load + train) | final loss |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for stack, r in results.items():
-        lines.append(f"| {stack} | {r['tokens_per_s']} | {r['peak_rss_gb']} | {r['seconds']:.0f} | "
-                     f"{r['final_loss']:.4f} |")
+        lines.append(f"| {stack} | {r['compute']} | {r['tokens_per_s']} | {r['peak_rss_gb']} | "
+                     f"{r['seconds']:.0f} | {r['final_loss']:.4f} |")
+    lines += ["", f"ours / reference tokens/s: **{ratio:.2f}**"]
     return "\n".join(lines) + "\n"
 
 

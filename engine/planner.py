@@ -40,7 +40,7 @@ Calibration (tests/test_planner.py holds each within the tolerance named there):
 - torchtune's Llama-3.1-8B QLoRA at batch 2 x 2048 packed, 7.4 GiB: its stack (bf16 everything,
   LoRA rank 8 without dropout, chunked loss) is far enough from ours that we only check the same
   formula with its settings lands within 15%.
-Not yet measured on our engine: bench/memory.md says how (bench/memory_peak.py).
+Not yet measured on our engine: bench/memory.md says how (bench/gpu_check.py).
 """
 
 from __future__ import annotations

@@ -76,13 +76,13 @@ def test_a_local_folder_is_planned_from_its_config_json(tmp_path):
 
 
 def test_benchmark_configs_have_the_catalogs_shapes(tmp_path):
-    # bench/memory_peak.py builds random models from these configs: they must be the real shapes.
-    spec = importlib.util.spec_from_file_location("memory_peak", ROOT / "bench" / "memory_peak.py")
+    # bench/gpu_check.py builds random models from these configs: they must be the real shapes.
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     for model_id in ("gpt-j-6b", "gpt-neox-20b", "gemma-2-9b", "llama-3.2-3b"):
         folder = tmp_path / model_id
-        bench.hf_config(model_id).save_pretrained(folder)
+        bench.hf_config(find(model_id)).save_pretrained(folder)
         shape, entry = shape_from_config(folder), find(model_id)
         assert (shape.quantized_params, shape.embedding_params) == (entry.quantized_params,
                                                                     entry.embedding_params), model_id
