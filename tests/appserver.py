@@ -37,7 +37,8 @@ class AppServer:
                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
 
-    def wait_ready(self, timeout: float = 120) -> "AppServer":
+    # A hang guard, not a speed expectation: a live app process on a slow, busy host may take minutes.
+    def wait_ready(self, timeout: float = 600) -> "AppServer":
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.process.poll() is not None:

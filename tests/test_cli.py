@@ -47,7 +47,7 @@ def cli(tmp_path_factory):
     }
     results = {}
     for name, process in processes.items():
-        out, err = process.communicate(timeout=180)
+        out, err = process.communicate(timeout=600)  # a hang guard only
         results[name] = SimpleNamespace(rc=process.returncode, out=out, err=err)
     results["tmp"] = tmp
     return results

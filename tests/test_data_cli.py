@@ -27,7 +27,7 @@ def checks(tmp_path_factory, embedded_model):
     processes = {name: subprocess.Popen([sys.executable, "-m", "engine", *args], cwd=ROOT, env=env,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for name, args in commands.items()}
-    return {name: (p.wait(timeout=180), *p.communicate()) for name, p in processes.items()}
+    return {name: (p.wait(timeout=600), *p.communicate()) for name, p in processes.items()}
 
 
 def test_check_with_token_statistics(checks):

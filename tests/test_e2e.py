@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 
 from appserver import AppServer
+from engine.rundir import RunDir
 from facts import FACTS
+from progress import wait_for
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Without the background-networking flags chromium keeps dialing Google on a closed network.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-TRAINING_TIMEOUT_S = 900  # 64 steps of the quick-test recipe take about a minute on 2 idle cores
 
 
 @pytest.fixture(scope="module")
@@ -83,14 +84,17 @@ def test_python_client_checks_data_starts_stops_and_chats(app, facts_file, tmp_p
     assert "tokens" in stats
 
     run_name = start_quick_test(client)  # the uploaded file lives in the client's session
-    wait_until(lambda: step_of(client, run_name) >= 2, TRAINING_TIMEOUT_S, "two training steps")
+    run = RunDir(app.data_dir / "runs" / run_name)
+    wait_for(run, lambda s: (s.get("step") or 0) >= 2, "two training steps")
+    assert step_of(client, run_name) >= 2  # the app reads the same progress
     assert "stop requested" in client.predict(run_name, api_name="/stop_training")
 
     def stopped():
         text, _ = client.predict(run_name, api_name="/run_status")
         return text if "stopped" in text else None
 
-    status = wait_until(stopped, 120, "the run to stop")
+    wait_for(run, lambda s: s["state"] not in ("running", "stopping"), "the run to stop")
+    status = wait_until(stopped, 60, "the app to show the run stopped")
     assert "adapter saved" in status
     assert (app.data_dir / "runs" / run_name / "adapter" / "adapter_model.safetensors").is_file()
 
@@ -116,7 +120,8 @@ def test_a_restarted_ui_reattaches_to_the_running_job(tmp_path, facts_file, embe
         client = Client(first.url, verbose=False)
         check(client, facts_file)
         run_name = start_quick_test(client)
-        wait_until(lambda: step_of(client, run_name) >= 2, TRAINING_TIMEOUT_S, "two steps")
+        run = RunDir(data / "runs" / run_name)
+        wait_for(run, lambda s: (s.get("step") or 0) >= 2, "two steps")
         first.process.terminate()  # the UI alone: its training process lives in its own session
         first.process.wait(timeout=30)
 
@@ -127,10 +132,15 @@ def test_a_restarted_ui_reattaches_to_the_running_job(tmp_path, facts_file, embe
         before = step_of(client, run_name)
         text, chart = client.predict(run_name, api_name="/run_status")
         assert "running" in text and chart is not None  # the chart is there at once, not empty
-        wait_until(lambda: step_of(client, run_name) > before, 300, "training to go on")
+        wait_for(run, lambda s: (s.get("step") or 0) > before, "training to go on")
+        assert step_of(client, run_name) > before  # and the new app shows it
     finally:
         for server in servers:
             server.stop()  # also kills the run's training process
+
+
+def newest_run(data_dir: Path) -> RunDir:
+    return RunDir(max((data_dir / "runs").glob("*/config.yaml")).parent)
 
 
 def chart_points(page) -> int:
@@ -177,17 +187,21 @@ def test_browser_upload_train_reload_and_chat(app, facts_file):
         expect(page.locator("#memory-plan-html")).to_contain_text("for 8 epochs of")
         page.locator("#start-button").click()
         expect(page.locator("#train-message")).to_contain_text("Started run")
-        wait_until(lambda: chart_points(page) >= 3, TRAINING_TIMEOUT_S, "3 points on the chart")
+        run = newest_run(app.data_dir)
+        wait_for(run, lambda s: (s.get("step") or 0) >= 3 or s["state"] != "running", "3 steps")
+        wait_until(lambda: chart_points(page) >= 3, 60, "3 points on the chart")
         before = chart_points(page)
-        wait_until(lambda: chart_points(page) > before, 300, "the chart to gain points")
+        wait_for(run, lambda s: (s.get("step") or 0) > before + 1 or s["state"] != "running",
+                 "more steps")
+        wait_until(lambda: chart_points(page) > before, 60, "the chart to gain points")
 
         # A reload (a closed tab, a restarted UI) finds the running job and its chart again.
         page.reload()
         page.get_by_role("tab", name="Train").click()
         expect(page.locator("#run-status")).to_contain_text("running", timeout=30_000)
         wait_until(lambda: chart_points(page) >= before, 60, "the chart after the reload")
-        expect(page.locator("#run-status")).to_contain_text("finished",
-                                                           timeout=TRAINING_TIMEOUT_S * 1000)
+        wait_for(run, lambda s: s["state"] != "running", "the run to finish")
+        expect(page.locator("#run-status")).to_contain_text("finished", timeout=60_000)
         screenshot(page, "train")
 
         page.get_by_role("tab", name="Chat").click()

@@ -37,7 +37,7 @@ def test_building_the_ui_loads_no_torch():
     code = "import sys; from app.main import build_ui; build_ui(); " \
            f"print([m for m in {HEAVY!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
+                         timeout=600)  # a hang guard only
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
 

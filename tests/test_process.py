@@ -3,23 +3,13 @@ reads as failed, and a second start waits in the queue until the first one ends.
 
 import os
 import signal
-import time
 
 import pytest
 
 from engine.config import load_recipe
 from app.train_tab import default_run
 from engine.runner import active_run, queued_runs, start_run, stop_run
-
-
-def wait_for(run, predicate, timeout=180):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        status = run.read_status()
-        if predicate(status):
-            return status
-        time.sleep(0.5)
-    raise AssertionError(f"timed out; status {run.read_status()}\nlog:\n{run.log_tail(30)}")
+from progress import run_progress, wait_for, wait_while_moving
 
 
 @pytest.mark.slow
@@ -41,13 +31,12 @@ def test_stop_saves_adapter_and_the_queued_run_starts_by_itself(data_dir, facts_
     assert run.latest_checkpoint() is not None  # resumable, although save_steps was never reached
     assert [m["step"] for m in run.read_metrics() if m.get("loss") is not None][-1] == status["step"]
     # The stopped run's own process hands the GPU on after its status says stopped: no UI takes part.
-    started = wait_for(second, lambda s: s["state"] != "queued", timeout=60)
+    started = wait_for(second, lambda s: s["state"] != "queued")
     assert started["state"] == "running" and started["pid"] != status["pid"]
     assert queued_runs() == []
-    deadline = time.time() + 30
-    while "started the next queued run" not in run.log_tail(10) and time.time() < deadline:
-        time.sleep(0.5)
-    assert "started the next queued run" in run.log_tail(10)
+    # the first process logs the hand-over after spawning the second: wait while either moves
+    wait_while_moving(lambda: "started the next queued run" in run.log_tail(10),
+                      lambda: (run_progress(run), run_progress(second)), "the hand-over's log line")
     os.kill(started["pid"], signal.SIGKILL)  # its own training is not this test's subject
 
 
@@ -57,7 +46,7 @@ def test_killed_process_reads_as_failed_with_log(data_dir, facts_file, embedded_
     run = start_run(cfg, name="kill me")
     status = wait_for(run, lambda s: (s.get("step") or 0) >= 1)
     os.kill(status["pid"], signal.SIGKILL)
-    status = wait_for(run, lambda s: s["state"] == "failed", timeout=30)
+    status = wait_for(run, lambda s: s["state"] == "failed")
     assert "ended without saying why" in status["message"]
     assert "step" in status["error"]  # the last log lines travel with the error
     assert active_run() is None  # a dead run no longer blocks new runs

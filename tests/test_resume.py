@@ -14,7 +14,7 @@ from engine.config import load_recipe
 from engine.rundir import RunDir
 from engine.runner import create_run, start_run
 from engine.train import run_training
-from test_process import wait_for
+from progress import run_progress, wait_for, wait_while_moving
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, SAVE_EVERY = 6, 2
@@ -24,6 +24,18 @@ def tiny_config(facts_path):
     # The quick-test recipe cut to seconds per step: short rows, small batches, a few steps.
     return load_recipe("quick-test", data_path=str(facts_path), max_steps=STEPS, save_steps=SAVE_EVERY,
                        max_seq_len=48, micro_batch_size=2, lora_r=8, lora_alpha=16)
+
+
+def run_command(args: list[str], run: RunDir, folder) -> subprocess.CompletedProcess:
+    """`python -m engine ARGS`, waited for as long as the run it trains makes progress."""
+    out, err = open(folder / "out.txt", "w+"), open(folder / "err.txt", "w+")  # pipes could fill up
+    with out, err:
+        process = subprocess.Popen([sys.executable, "-m", "engine", *args], cwd=ROOT,
+                                   env=dict(os.environ), stdout=out, stderr=err, text=True)
+        wait_while_moving(lambda: process.poll() is not None, lambda: run_progress(run),
+                          f"python -m engine {' '.join(args)}")
+        out.seek(0), err.seek(0)
+        return subprocess.CompletedProcess(process.args, process.returncode, out.read(), err.read())
 
 
 def losses(run: RunDir) -> dict[int, float]:
@@ -46,13 +58,12 @@ def runs(tmp_path_factory, embedded_model):
 
         killed = start_run(tiny_config(facts), name="killed")
         status = wait_for(killed, lambda s: (s.get("step") or 0) > SAVE_EVERY or
-                          s["state"] not in ("running", "queued"), timeout=600)
+                          s["state"] not in ("running", "queued"))
         assert status["state"] == "running", status
         os.kill(status["pid"], signal.SIGKILL)
-        killed_status = wait_for(killed, lambda s: s["state"] == "failed", timeout=30)
+        killed_status = wait_for(killed, lambda s: s["state"] == "failed")
         metrics_before = killed.read_metrics()
-        resumed = subprocess.run([sys.executable, "-m", "engine", "resume", str(killed.path)], cwd=ROOT,
-                                 env=dict(os.environ), capture_output=True, text=True, timeout=900)
+        resumed = run_command(["resume", str(killed.path)], killed, base)
         yield reference, killed, killed_status, metrics_before, resumed
     finally:
         patch.undo()

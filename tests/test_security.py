@@ -38,7 +38,7 @@ def server(tmp_path_factory):
          "--no-browser", "--data-dir", str(data)],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
+    deadline = time.time() + 600  # a hang guard: it fails at once if the app exits
     while time.time() < deadline:
         try:
             httpx.get(url + "/", timeout=2)
