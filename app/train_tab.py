@@ -168,6 +168,8 @@ def status_markdown(status: dict, metrics: list[dict]) -> str:
     text = " · ".join(parts)
     if status.get("message"):
         text += f"\n\n{status['message']}"
+    if status.get("compute_why") and status.get("compute_why") not in status.get("message", ""):
+        text += f"\n\nOn {status.get('device', '?')}, computing in {status['compute_why']}"
     done, total = status.get("download_done_gb") or 0, status.get("download_total_gb")
     if state in LIVE_STATES and total and done < total:
         filled = round(24 * done / total)

@@ -28,20 +28,21 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
-def common_config(data: Path, steps: int):
+def common_config(data: Path, steps: int, compute_dtype: str = "auto"):
     from engine.config import load_recipe
 
     # micro-batch 4 x 1 keeps a CPU step short; the schedule is otherwise the paper's.
     return load_recipe("paper", model="embedded", data_path=str(data), max_steps=steps,
                        micro_batch_size=4, grad_accum_steps=1, max_seq_len=256,
-                       group_by_length=False, save_steps=10_000, warmup_ratio=0.0)
+                       group_by_length=False, save_steps=10_000, warmup_ratio=0.0,
+                       compute_dtype=compute_dtype)
 
 
-def run_ours(data: Path, steps: int, work: Path) -> dict:
+def run_ours(data: Path, steps: int, work: Path, compute_dtype: str = "auto") -> dict:
     from engine.runner import create_run
     from engine.train import run_training
 
-    run = create_run(common_config(data, steps), name="bench", parent=work)
+    run = create_run(common_config(data, steps, compute_dtype), name="bench", parent=work)
     started = time.time()
     assert run_training(str(run.path)) == "finished", run.read_status()
     losses = [m for m in run.read_metrics() if m.get("loss") is not None]
@@ -112,13 +113,16 @@ def _median(values: list[float]) -> float:
     return round(values[len(values) // 2], 1)
 
 
-def child(stack: str, steps: int) -> None:
+def child(stack: str, steps: int, ours_dtype: str) -> None:
     from facts import write_facts
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = write_facts(work / "facts.jsonl")
-        result = (run_ours if stack == "ours" else run_reference)(data, steps, work)
+        if stack == "ours":
+            result = run_ours(data, steps, work, ours_dtype)
+        else:
+            result = run_reference(data, steps, work)
     result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)
     print("RESULT " + json.dumps(result))
 
@@ -127,14 +131,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--out", type=Path, help="write the results as Markdown here")
+    parser.add_argument("--ours-dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="our compute dtype (default auto: what a user's run gets here)")
     parser.add_argument("--stack", choices=("ours", "reference"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stack:
-        child(args.stack, args.steps)
+        child(args.stack, args.steps, args.ours_dtype)
         return 0
     results = {}
     for stack in ("reference", "ours"):  # one after the other: they must not share the cores
-        out = subprocess.run([sys.executable, __file__, "--stack", stack, "--steps", str(args.steps)],
+        out = subprocess.run([sys.executable, __file__, "--stack", stack, "--steps", str(args.steps),
+                              "--ours-dtype", args.ours_dtype],
                              capture_output=True, text=True, cwd=ROOT)
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
@@ -145,11 +152,11 @@ def main() -> int:
     ratio = results["ours"]["tokens_per_s"] / results["reference"]["tokens_per_s"]
     print(f"ours / reference tokens/s: {ratio:.2f}")
     if args.out:
-        args.out.write_text(report(results, args.steps))
+        args.out.write_text(report(results, args.steps, args.ours_dtype))
     return 0
 
 
-def report(results: dict, steps: int) -> str:
+def report(results: dict, steps: int, ours_dtype: str = "auto") -> str:
     import torch
 
     from engine.hardware import _cpu_name, cpu_bf16_native
@@ -162,7 +169,8 @@ def report(results: dict, steps: int) -> str:
         f"- machine: {_cpu_name()} ({platform.machine()}), {_cores()} cores, no GPU; native bf16: "
         f"{native}; torch {torch.__version__}",
         f"- date: {time.strftime('%Y-%m-%d')}",
-        f"- command: `.venv/bin/python bench/cpu_train.py --steps {steps} --out FILE`",
+        f"- command: `.venv/bin/python bench/cpu_train.py --steps {steps} --ours-dtype {ours_dtype} "
+        "--out FILE`",
         "- model: the embedded SmolLM2-135M-Instruct in NF4 + double quantization; LoRA r=64, "
         "alpha=16, dropout 0.1 on all linear layers; micro-batch 4, 256 tokens",
         "",

@@ -78,3 +78,11 @@ def test_a_gpu_with_only_emulated_bf16_gets_fp16(monkeypatch):
     assert dtype == torch.float16 and "7.5" in why
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert models.compute_dtype("auto", "cuda")[0] == torch.bfloat16
+
+
+def test_the_train_tab_says_what_a_run_computes_in():
+    from app.train_tab import status_markdown
+
+    text = status_markdown({"state": "running", "device": "cpu", "message": "step 3",
+                            "compute_why": "fp32: this CPU has no native bf16"}, [])
+    assert "On cpu, computing in fp32: this CPU has no native bf16" in text
