@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 
 def common_config(data: Path, steps: int, compute_dtype: str = "auto"):
@@ -41,26 +41,24 @@ def common_config(data: Path, steps: int, compute_dtype: str = "auto"):
 def run_ours(data: Path, steps: int, work: Path, compute_dtype: str = "auto") -> dict:
     from engine.runner import create_run
     from engine.train import run_training
+    from reference import median
 
     run = create_run(common_config(data, steps, compute_dtype), name="bench", parent=work)
     started = time.time()
     assert run_training(str(run.path)) == "finished", run.read_status()
     losses = [m for m in run.read_metrics() if m.get("loss") is not None]
     return {"seconds": time.time() - started, "final_loss": losses[-1]["loss"],
-            "tokens_per_s": _median([m["tokens_per_s"] for m in losses[1:]]),
+            "tokens_per_s": median([m["tokens_per_s"] for m in losses[1:]]),
             "compute": run.read_status().get("compute_why", "?")}
 
 
 def run_reference(data: Path, steps: int, work: Path) -> dict:
     import torch
-    from datasets import Dataset
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq,
-                              Trainer, TrainerCallback, TrainingArguments)
 
     from engine.data import load_conversations
     from engine.models import ensure_embedded, load_tokenizer
-    from engine.templates import IGNORE_INDEX, encode, get_template
+    from engine.templates import encode, get_template
+    from reference import train_reference
 
     started = time.time()  # like run_training's wall time: loading included
     cfg = common_config(data, steps)
@@ -71,46 +69,11 @@ def run_reference(data: Path, steps: int, work: Path) -> dict:
             for row in load_conversations(str(data)).rows]
     for row in rows:
         row.pop("length")
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                      bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=quantization,
-                                                 dtype=torch.bfloat16, device_map={"": "cpu"})
-    model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                             lora_dropout=cfg.lora_dropout,
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
-    args = TrainingArguments(
-        output_dir=str(work / "reference"), per_device_train_batch_size=cfg.micro_batch_size,
-        gradient_accumulation_steps=cfg.grad_accum_steps, max_steps=steps, learning_rate=cfg.lr,
-        lr_scheduler_type="constant", max_grad_norm=cfg.max_grad_norm, optim="adamw_torch",
-        bf16=True, activation_checkpointing=True,
-        activation_checkpointing_kwargs={"use_reentrant": False},
-        logging_steps=1, save_strategy="no", use_cpu=True, seed=cfg.seed, report_to="none",
-        disable_tqdm=True, include_num_input_tokens_seen="non_padding",
-    )
-    rates, losses, last = [], [], [time.time(), 0]
-
-    class Rate(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                now = time.time()
-                rates.append((state.num_input_tokens_seen - last[1]) / (now - last[0]))
-                losses.append(logs["loss"])
-                last[:] = [now, state.num_input_tokens_seen]
-
-    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True,
-                                                           label_pad_token_id=IGNORE_INDEX),
-                      callbacks=[Rate()])
-    trainer.train()
-    return {"seconds": time.time() - started, "final_loss": losses[-1],
-            "tokens_per_s": _median(rates[1:]), "compute": "bf16 (the paper's compute dtype)"}
-
-
-def _median(values: list[float]) -> float:
-    values = sorted(values)
-    return round(values[len(values) // 2], 1)
+    result = train_reference(source, rows, tokenizer, device="cpu", dtype=torch.bfloat16,
+                             micro_batch=cfg.micro_batch_size, steps=steps, lora_r=cfg.lora_r,
+                             out_dir=work / "reference", seed=cfg.seed)
+    return {"seconds": time.time() - started, "final_loss": result["losses"][-1],
+            "tokens_per_s": result["tokens_per_s"], "compute": "bf16 (the paper's compute dtype)"}
 
 
 def child(stack: str, steps: int, ours_dtype: str) -> None:

@@ -45,7 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).resolve()
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # tests/facts.py holds the facts data set
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]  # facts data; reference.py
 
 GIB = 1024**3
 TOLERANCE = 0.15  # a planner point further off than this fails the check
@@ -204,11 +204,6 @@ def write_text_data(path: Path, rows: int = 300, words: int = 300) -> Path:
     return path
 
 
-def _median(values: list[float]) -> float | None:
-    values = sorted(v for v in values if v is not None)
-    return round(values[len(values) // 2], 1) if values else None
-
-
 # --- children: each runs in its own process (python bench/gpu_check.py --child KIND SPEC) ---------
 
 def child_info(spec: dict) -> dict:
@@ -362,6 +357,7 @@ def child_train(spec: dict) -> dict:
     from engine.config import load_recipe
     from engine.runner import create_run
     from engine.train import run_training
+    from reference import median
 
     seen = _install_spies()
     nvml = _watch_nvml()
@@ -379,75 +375,40 @@ def child_train(spec: dict) -> dict:
             "device": status.get("device"), "status_optimizer": status.get("optimizer"),
             "compute": status.get("compute_dtype"),
             "losses": [m["loss"] for m in losses],
-            "tokens_per_s": _median([m.get("tokens_per_s") for m in losses[1:]]),  # 1st: warm-up
+            "tokens_per_s": median([m.get("tokens_per_s") for m in losses[1:]]),  # 1st: warm-up
             "optimizer": _optimizer_facts(seen.get("optimizer")),
             "torch_version": torch.__version__, **_peaks(seen), **nvml}
 
 
 def child_reference(spec: dict) -> dict:
-    """The reference QLoRA stack as transformers' and peft's docs give it, with the paper's
-    defaults (bench/cpu_train.py's run_reference, on CUDA): NF4 + double quantization,
-    prepare_model_for_kbit_training (its fp32 embeddings and head stay fp32), LoRA on all linear
-    layers r=64 alpha=16 dropout 0.1, lr 2e-4 constant, max grad norm 0.3, paged AdamW 32-bit,
-    gradient checkpointing, bf16 where the GPU has it natively, else fp16. Same tokens as ours."""
+    """The reference QLoRA stack (bench/reference.py) on the same shape and tokens as ours: bf16
+    where the GPU has it natively, else fp16, paged AdamW 32-bit."""
     import torch
-    from datasets import Dataset
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq,
-                              Trainer, TrainerCallback, TrainingArguments)
 
     from engine.models import load_tokenizer
-    from engine.templates import IGNORE_INDEX, pack, text_tokens
+    from engine.templates import pack, text_tokens
+    from reference import train_reference
 
     seen = _install_spies()
     nvml = _watch_nvml()
     started = time.time()
     device = spec.get("device", "cuda")
-    folder, length = spec["model"], spec["max_seq_len"]
     if device == "cuda":
         native = torch.cuda.is_bf16_supported(including_emulation=False)
         dtype = torch.bfloat16 if native else torch.float16
     else:
         dtype = torch.bfloat16
-    tokenizer = load_tokenizer(folder)
+    tokenizer = load_tokenizer(spec["model"])
     lines = Path(spec["data"]).read_text().splitlines()
     texts = [json.loads(line)["text"] for line in lines if line]
-    rows = pack((text_tokens(tokenizer, text) for text in texts), length)
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                      bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization,
-                                                 dtype=dtype, device_map={"": device})
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                            gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=spec["lora_r"], lora_alpha=16, lora_dropout=0.1,
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
-    args = TrainingArguments(
-        output_dir=str(Path(spec["parent"]) / "reference"),
-        per_device_train_batch_size=spec["micro_batch"], gradient_accumulation_steps=1,
-        max_steps=spec["steps"], learning_rate=2e-4, lr_scheduler_type="constant",
-        max_grad_norm=0.3, optim=spec.get("optim", "paged_adamw_32bit"),
-        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-        activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False},
-        logging_steps=1, save_strategy="no", use_cpu=device == "cpu", seed=42, report_to="none",
-        disable_tqdm=True, include_num_input_tokens_seen="non_padding",
-    )
-    rates, losses, last = [], [], [time.time(), 0]
-
-    class Rate(TrainerCallback):  # the same measure as engine/callback.py's tokens_per_s
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                now = time.time()
-                rates.append((state.num_input_tokens_seen - last[1]) / max(now - last[0], 1e-6))
-                losses.append(logs["loss"])
-                last[:] = [now, state.num_input_tokens_seen]
-
-    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True,
-                                                           label_pad_token_id=IGNORE_INDEX),
-                      callbacks=[Rate()])
-    trainer.train()
-    return {"state": "finished", "seconds": round(time.time() - started, 1), "losses": losses,
-            "tokens_per_s": _median(rates[1:]), "compute": str(dtype).replace("torch.", ""),
+    rows = pack((text_tokens(tokenizer, text) for text in texts), spec["max_seq_len"])
+    result = train_reference(spec["model"], rows, tokenizer, device=device, dtype=dtype,
+                             micro_batch=spec["micro_batch"], steps=spec["steps"],
+                             lora_r=spec["lora_r"], optim=spec.get("optim"),
+                             out_dir=Path(spec["parent"]) / "reference")
+    return {"state": "finished", "seconds": round(time.time() - started, 1),
+            "losses": result["losses"], "tokens_per_s": result["tokens_per_s"],
+            "compute": str(dtype).replace("torch.", ""),
             "optimizer": _optimizer_facts(seen.get("optimizer")), **_peaks(seen), **nvml}
 
 
