@@ -50,8 +50,11 @@ class CatalogModel:
     head_dim: int = 0  # 0 = hidden / heads
     cpu_ok: bool = False  # small enough to fine-tune on a CPU in minutes
     gated: bool = False  # the Hub asks you to accept a licence first
-    revision: str | None = None  # the Hub revision with safetensors weights (None: default branch)
-    weights_bits: int = 16  # bits per weight of the safetensors there (what is downloaded)
+    revision: str | None = None  # the Hub revision to download (None: the default branch)
+    weights_bits: int = 16  # bits per weight of the weights there (what is downloaded)
+    # "pickle" where that revision has only pytorch_model*.bin: converted once to safetensors on
+    # download, by PyTorch's weights-only loader, since we load nothing but safetensors
+    weights_format: str = "safetensors"
 
     @property
     def head_size(self) -> int:
@@ -111,6 +114,9 @@ class CatalogModel:
             found.append(f"kv_heads ({self.kv_heads}) must divide heads ({self.heads})")
         if self.prompt_style not in ("guanaco", "alpaca", "model"):
             found.append(f"prompt_style '{self.prompt_style}' is unknown: use guanaco, alpaca or model")
+        if self.weights_format not in ("safetensors", "pickle"):
+            found.append(f"weights_format '{self.weights_format}' is unknown: "
+                         "use safetensors or pickle")
         return found
 
 

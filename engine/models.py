@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import logging
 import os
 import shutil
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 from engine import catalog
@@ -23,6 +25,11 @@ EMBEDDED_DIR_NAME = "SmolLM2-135M-Instruct"
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "merges.txt", "vocab.txt",
                      "*.jinja"]
 SKIP_PATTERNS = ["*/*"]
+# A revision with pickle weights only (catalog weights_format: pickle): its weights are fetched into
+# a folder of ours and converted to safetensors once (pytorch_model.bin, or shards + their index).
+PICKLE_WEIGHTS = "pytorch_model*.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_PATTERNS = [PICKLE_WEIGHTS] + [p for p in DOWNLOAD_PATTERNS if p != "*.safetensors"]
 GB = 1e9  # download sizes in decimal GB, as the Hub shows them
 
 log = logging.getLogger(__name__)
@@ -39,7 +46,8 @@ def resolve_model(name: str) -> str:
         return str(ensure_embedded())
     entry = catalog.find(name)
     if entry is not None:
-        return entry.hub_id
+        # a model kept as pickle on the Hub: its safetensors copy once download() has made it
+        return _converted_copy(entry.hub_id)
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -61,18 +69,43 @@ def hub_revision(source: str) -> str | None:
 
 def download(source: str, progress=None) -> None:
     """Fetch a Hub model's files into the local cache before loading, so that a long download shows
-    its progress: progress(done_bytes, total_bytes) as bytes arrive. A local folder needs none."""
+    its progress: progress(done_bytes, total_bytes) as bytes arrive. A local folder needs none.
+
+    A catalog model kept as pickle on the Hub is fetched into a folder of ours and converted to
+    safetensors once; progress.converting(shard, shards), where progress has it, hears of that."""
     if Path(source).is_dir():
         return
+    entry = _pickle_entry(source)
+    if entry is None:
+        _fetch(source, hub_revision(source), DOWNLOAD_PATTERNS, progress)
+        return
+    target = _converted_dir(entry)
+    if target.is_dir():
+        return  # converted by an earlier run
+    # Our own folder, not the Hugging Face cache: the pickle files are ours to delete when converted
+    fetched = target.with_name(target.name + ".download")
+    _fetch(source, entry.revision, PICKLE_PATTERNS, progress, local_dir=fetched)
+    shards = _pickle_shards(fetched, source)
+    try:
+        _convert_to_safetensors(fetched, shards, target, getattr(progress, "converting", None))
+    except ModelError:  # refused or damaged: nothing of it is kept, and a retry downloads afresh
+        shutil.rmtree(fetched, ignore_errors=True)
+        raise
+    shutil.rmtree(fetched, ignore_errors=True)
+
+
+def _fetch(source: str, revision: str | None, patterns: list[str], progress,
+           local_dir: Path | None = None) -> None:
+    """snapshot_download with its bytes reported to progress(done, total)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import DryRunError
     from tqdm.auto import tqdm
 
-    revision = hub_revision(source)
+    where = {"local_dir": local_dir} if local_dir else {}
     with _explained(source):
         try:  # a dry run lists the files with their sizes: the total is known before the first byte
-            files = snapshot_download(source, revision=revision, allow_patterns=DOWNLOAD_PATTERNS,
-                                      ignore_patterns=SKIP_PATTERNS, dry_run=True)
+            files = snapshot_download(source, revision=revision, allow_patterns=patterns,
+                                      ignore_patterns=SKIP_PATTERNS, dry_run=True, **where)
         except DryRunError:  # Hub out of reach: the real call below says why, or uses the cache
             files = []
         total = sum(f.file_size or 0 for f in files)
@@ -96,9 +129,125 @@ def download(source: str, progress=None) -> None:
                         report(min(done, total), total)
 
         report(done, total)
-        snapshot_download(source, revision=revision, allow_patterns=DOWNLOAD_PATTERNS,
-                          ignore_patterns=SKIP_PATTERNS, tqdm_class=Bytes)
+        snapshot_download(source, revision=revision, allow_patterns=patterns,
+                          ignore_patterns=SKIP_PATTERNS, tqdm_class=Bytes, **where)
         report(total, total)
+
+
+def _pickle_entry(source: str) -> catalog.CatalogModel | None:
+    """The catalog entry of a Hub id whose weights we convert from pickle, else None."""
+    entry = None if Path(source).is_dir() else catalog.find(source)
+    return entry if entry and entry.weights_format == "pickle" else None
+
+
+def _converted_dir(entry: catalog.CatalogModel) -> Path:
+    return models_dir() / f"{entry.hub_id}--{entry.revision or 'main'}".replace("/", "--")
+
+
+def _converted_copy(source: str) -> str:
+    """The local safetensors copy of a model kept as pickle on the Hub, once made; else source."""
+    entry = _pickle_entry(source)
+    if entry is not None and _converted_dir(entry).is_dir():
+        return str(_converted_dir(entry))
+    return source
+
+
+def _pickle_shards(folder: Path, source: str) -> list[str]:
+    """The pickle weight files of a fetched revision: one, or the shards its index names."""
+    index = folder / PICKLE_INDEX
+    shards = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+              else ["pytorch_model.bin"])
+    for shard in shards:
+        if Path(shard).name != shard:  # the index is downloaded data: no paths outside the folder
+            raise ModelError(f"{source}'s {PICKLE_INDEX} names a weight file outside its folder: "
+                             f"{shard}")
+        if not (folder / shard).is_file():
+            raise ModelError(f"the download of {source} is incomplete ({shard} is missing): "
+                             "connect to the internet and start again, it goes on where it stopped")
+    return shards
+
+
+def _convert_to_safetensors(folder: Path, shards: list[str], target: Path, converting=None) -> None:
+    """Write the pickle weights in `folder` as safetensors into `target`, one file per shard, with
+    the config and tokenizer files next to them: a folder transformers loads as it is."""
+    from safetensors.torch import save_file
+
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        weight_map, total_size = {}, 0
+        for number, shard in enumerate(shards, start=1):
+            log.info("converting to safetensors: shard %d of %d", number, len(shards))
+            if converting:
+                converting(number, len(shards))
+            name = ("model.safetensors" if len(shards) == 1
+                    else f"model-{number:05d}-of-{len(shards):05d}.safetensors")
+            tensors = _own_memory(_load_weights(folder / shard))
+            # transformers refuses safetensors whose metadata does not say they hold PyTorch tensors
+            save_file(tensors, tmp / name, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, name))
+            total_size += sum(t.nbytes for t in tensors.values())
+            del tensors  # closes the file's memory map before the next shard
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        for file in folder.iterdir():  # config, tokenizer: everything but the pickle weights
+            if file.is_file() and not file.match(PICKLE_WEIGHTS) and file.name != PICKLE_INDEX:
+                shutil.copy2(file, tmp / file.name)
+        try:
+            os.rename(tmp, target)  # atomic: a half-converted folder is never taken for a model
+        except OSError:
+            if not target.is_dir():  # else another process converted it first: use theirs
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_weights(path: Path) -> dict:
+    """A pickle weight file's tensors, read without running anything in it."""
+    import pickle
+
+    import torch
+
+    damaged = f"{path.name} is damaged or incomplete: download it again"
+    try:
+        # weights_only: PyTorch's restricted unpickler, which builds tensors and plain containers
+        # and refuses every other object, so no code in the file can run. mmap (zip-format files,
+        # as torch.save writes since PyTorch 1.6): tensors stay on disk until written out, so a
+        # 12 GB file needs no 12 GB of memory.
+        state = torch.load(path, map_location="cpu", weights_only=True,
+                           mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as exc:
+        if "weights only" not in str(exc).lower():
+            raise ModelError(f"{damaged} ({exc})") from exc
+        raise ModelError(f"{path.name} holds more than model weights (Python objects, which could "
+                         "run code when loaded), so it is refused: pick another version of the "
+                         "model, ideally one with safetensors weights") from exc
+    except (RuntimeError, EOFError, IndexError, ValueError) as exc:  # truncated or garbled
+        raise ModelError(f"{damaged} ({exc})") from exc
+    if not isinstance(state, dict) or not all(isinstance(name, str)
+                                              and isinstance(tensor, torch.Tensor)
+                                              for name, tensor in state.items()):
+        raise ModelError(f"{path.name} holds something other than a model's named tensors, so it "
+                         "is refused: pick another version of the model")
+    return state
+
+
+def _own_memory(tensors: dict) -> dict:
+    """safetensors stores every tensor apart: one sharing its memory with another (tied embeddings)
+    or covering part of it (a slice) gets its own copy; the rest are written straight from disk."""
+    import torch
+
+    seen, result = set(), {}
+    for name, tensor in tensors.items():
+        storage = tensor.untyped_storage()
+        if (storage.data_ptr() in seen or storage.nbytes() != tensor.nbytes
+                or not tensor.is_contiguous()):
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        seen.add(storage.data_ptr())
+        result[name] = tensor
+    return result
 
 
 def download_status(write_status, source: str, every_s: float = 1.0):
@@ -115,6 +264,10 @@ def download_status(write_status, source: str, every_s: float = 1.0):
         write_status(message=f"downloading {label}: {done / GB:.1f} of {total / GB:.1f} GB",
                      download_done_gb=round(done / GB, 2), download_total_gb=round(total / GB, 2))
 
+    def converting(shard: int, shards: int) -> None:
+        write_status(message=f"converting to safetensors: shard {shard} of {shards}")
+
+    report.converting = converting  # download() says so while it converts pickle weights
     return report
 
 
@@ -227,6 +380,9 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     _warn_remote_code(source, trust_remote_code)
+    # the converted copy where it is made; before that the tokenizer files at the Hub revision, so
+    # that showing a tokenizer never waits on a 12 GB download
+    source = _converted_copy(source)
     with _explained(source):
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
                                                   revision=hub_revision(source))
@@ -239,6 +395,10 @@ def load_quantized_model(source: str, quant_type: str, double_quant: bool, dtype
                          trust_remote_code: bool = False):
     """The base model with its linear weights in 4-bit (bitsandbytes), the rest in `dtype`."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if _pickle_entry(source):  # only its converted safetensors copy can be loaded
+        download(source)  # once, where no download() with progress did it before
+        source = _converted_copy(source)
 
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,

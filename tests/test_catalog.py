@@ -48,6 +48,11 @@ def test_a_broken_entry_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(catalog, "_catalog_path", lambda: bad)
     with pytest.raises(CatalogError, match=r"entry 1 \(broken\).*heads \(3\) must divide hidden"):
         load_catalog()
+    bad.write_text("- {id: zipped, name: Z, hub_id: a/b, arch: llama, layers: 2, hidden: 96, "
+                   "intermediate: 10, heads: 3, kv_heads: 3, vocab: 10, tied: true, "
+                   "max_context: 64, weights_format: zip}\n")
+    with pytest.raises(CatalogError, match=r"entry 1 \(zipped\).*weights_format 'zip' is unknown"):
+        load_catalog()
     bad.write_text("- {id: typo, name: T, hub_id: a/b, layer: 2}\n")
     with pytest.raises(CatalogError, match="unknown field.*layer"):
         load_catalog()
@@ -124,10 +129,12 @@ def test_a_local_folders_attention_comes_from_its_model_type(tmp_path):
         assert shape_from_config(tmp_path).attention == attention, model_type
 
 
-def test_gpt_j_downloads_its_safetensors_revision():
-    # main holds pickle weights only; refs/pr/40 is the fp32 safetensors conversion (24.2 GB)
+def test_gpt_j_downloads_its_16_bit_revision():
+    # main holds fp32 pickle weights (24.2 GB), float16 the same in 16 bits (12.1 GB), also as
+    # pickle: converted to safetensors on download
     gptj = find("EleutherAI/gpt-j-6b")
-    assert (gptj.revision, gptj.weights_bits) == ("refs/pr/40", 32)
-    assert gptj.download_gb == pytest.approx(24.2, rel=0.01)
-    assert find("gpt-neox-20b").revision is None  # its main branch has safetensors
+    assert (gptj.revision, gptj.weights_bits, gptj.weights_format) == ("float16", 16, "pickle")
+    assert gptj.download_gb == pytest.approx(12.1, rel=0.01)
+    neox = find("gpt-neox-20b")  # its main branch has safetensors
+    assert (neox.revision, neox.weights_format) == (None, "safetensors")
     assert find("llama-3.1-8b").download_gb == pytest.approx(16.06, rel=0.01)  # 16-bit weights
