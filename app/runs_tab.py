@@ -1,5 +1,6 @@
-"""Runs tab: every run with its state, final loss and duration, their loss curves overlaid, the
-training queue (cancel, reorder), and deleting a run after a confirmation.
+"""Runs tab: every run with its state, final loss and duration; chosen runs compared (loss curves
+overlaid, configs side by side with the differences first); a run's metrics as CSV; the training
+queue (cancel, reorder), and deleting a run after a confirmation.
 
 Everything is read from the run directories and runs/queue.json on each refresh, so two browser
 tabs, or a restarted UI, show the same state.
@@ -7,10 +8,13 @@ tabs, or a restarted UI, show the same state.
 
 from __future__ import annotations
 
+import html
+
 import gradio as gr
 import pandas as pd
 
 from app.train_tab import duration
+from engine import compare
 from engine.config import ConfigError, RunConfig
 from engine.runner import (
     RunnerError,
@@ -24,7 +28,8 @@ from engine.runner import (
 )
 
 COLUMNS = ["run", "state", "steps", "final loss", "duration", "model", "message"]
-OVERLAID = 8  # more curves than this on one chart are unreadable
+COMPARED = 3  # the newest few runs are compared until the user chooses others
+HIGHLIGHT = "background: rgba(250, 200, 0, 0.25)"  # readable on the light and the dark theme
 
 
 def runs_table(runs: list, metrics: dict[str, list[dict]]) -> pd.DataFrame:
@@ -44,12 +49,83 @@ def runs_table(runs: list, metrics: dict[str, list[dict]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def loss_overlay(runs: list, metrics: dict[str, list[dict]]) -> pd.DataFrame | None:
-    """Training loss per step of the newest few runs, one series per run."""
-    points = [{"step": m["step"], "loss": m["loss"], "run": run.name}
-              for run in runs[:OVERLAID] for m in metrics[run.name] if m.get("loss") is not None]
+def default_compared() -> list[str]:
+    return [run.name for run in list_runs()[:COMPARED]]
+
+
+def overlay(chosen: list[str] | None, raw: bool = False):
+    """The chosen runs' training loss, smoothed (raw too if asked), one colour per run."""
+    runs, _ = compare.find_runs(chosen or [])  # the config table says which runs are gone
+    rows = compare.overlay_rows(runs, raw=bool(raw))
     # None, not an empty frame: after an empty frame Gradio's plot draws no later data.
-    return pd.DataFrame(points) if points else None
+    # The legend is named explicitly: left to itself it keeps listing curves no longer drawn.
+    return gr.update(value=pd.DataFrame(rows) if rows else None,
+                     color_map=compare.series_colors(runs) or None,
+                     colors_in_legend=list(dict.fromkeys(row["series"] for row in rows)) or None)
+
+
+def drop_gone(chosen: list[str] | None):
+    """The chosen runs that still exist; no update (so no redraw) when none has gone."""
+    kept = [run.name for run in compare.find_runs(chosen or [])[0]]
+    return kept if kept != (chosen or []) else gr.skip()
+
+
+def configs_html(chosen: list[str] | None) -> str:
+    """The chosen runs' settings, one column per run: those that differ first and highlighted,
+    those all runs share folded away below."""
+    runs, notes = compare.find_runs(chosen or [])
+    configs, more = compare.load_configs(runs)
+    notes += more
+    notes += [f"Run {run.name} has logged no loss yet, so it has no curve." for run in runs
+              if run.name in configs and not compare.overlay_rows([run])]
+    if len(runs) > compare.OVERLAID:
+        notes.append(f"Only the first {compare.OVERLAID} chosen runs are drawn: "
+                     "more are unreadable.")
+    parts = [f"<p>{html.escape(note)}</p>" for note in notes]
+    if not configs:
+        return "".join(parts) + "<p>Choose runs above to compare their loss curves and " \
+            "settings.</p>"
+    rows = compare.config_diff(configs)
+    differ = [row for row in rows if row["differs"]]
+    same = [row for row in rows if not row["differs"]]
+    if len(configs) == 1:
+        return "".join(parts) + _settings_table(list(configs), rows)
+    parts.append(f"<p><b>{len(differ)} setting(s) differ</b> between these runs "
+                 "(highlighted).</p>" if differ else "<p>These runs have the same settings.</p>")
+    if differ:
+        parts.append(_settings_table(list(configs), differ, highlight=True))
+    parts.append(f"<details><summary>{len(same)} setting(s) are the same in every run</summary>"
+                 f"{_settings_table(list(configs), same)}</details>")
+    return "".join(parts)
+
+
+def _settings_table(names: list[str], rows: list[dict], highlight: bool = False) -> str:
+    head = "".join(f"<th>{html.escape(name)}</th>" for name in ["setting", *names])
+    style = f' style="{HIGHLIGHT}"' if highlight else ""
+    body = "".join(
+        f"<tr{style}><td>{'≠ ' if highlight else ''}{html.escape(row['setting'])}</td>"
+        + "".join(f"<td>{html.escape(_shown(value))}</td>" for value in row["values"]) + "</tr>"
+        for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _shown(value) -> str:
+    return "(none)" if value in ("", None) else str(value)
+
+
+def export_csv(name: str | None):
+    """The run's metrics as a CSV file to download, and a sentence about it."""
+    if not name:
+        return None, "Choose a run to export."
+    try:
+        run = get_run(name)
+        path = compare.export_metrics_csv(run)
+    except (RunnerError, OSError) as exc:
+        return None, f"⚠️ Cannot export run {name}: {exc}"
+    count = len(run.read_metrics())
+    if not count:
+        return str(path), f"Run {name} has logged no metrics yet: the CSV holds only the header."
+    return str(path), f"{count} logged step(s) of run {name}, one row each."
 
 
 def queue_markdown() -> str:
@@ -90,12 +166,14 @@ def refresh():
     start_next()
     runs, metrics = _snapshot()
     queued = [run.name for run in queued_runs()]
-    return (runs_table(runs, metrics), loss_overlay(runs, metrics), queue_markdown(),
-            gr.update(choices=[run.name for run in runs]), gr.update(choices=queued))
+    names = [run.name for run in runs]
+    # Choices only: what each person chose stays chosen (a gone run is dropped when used).
+    return (runs_table(runs, metrics), queue_markdown(), gr.update(choices=names),
+            gr.update(choices=queued), gr.update(choices=names), gr.update(choices=names))
 
 
 def _snapshot() -> tuple[list, dict[str, list[dict]]]:
-    """The runs, newest first, and each one's metrics, read once for the table and the chart."""
+    """The runs, newest first, and each one's metrics, read once for the table."""
     runs = list_runs()
     return runs, {run.name: run.read_metrics() for run in runs}
 
@@ -109,21 +187,37 @@ def _model_of(run) -> str:
 
 def build() -> dict:
     runs, metrics = _snapshot()
+    names = [r.name for r in runs]
     table = gr.Dataframe(runs_table(runs, metrics), label="Runs", interactive=False,
                          elem_id="runs-table")
-    chart = gr.LinePlot(loss_overlay(runs, metrics), x="step", y="loss", color="run", title="Training loss",
-                        height=320, elem_id="runs-chart")
+    # allow_custom_value on every run chooser: a run deleted in another tab may still be chosen
+    # here, and the handlers say so in words instead of Gradio refusing the value.
+    # The default is a function, so each page load chooses the newest runs of that moment.
+    chosen = gr.Dropdown(names, value=default_compared, multiselect=True,
+                         allow_custom_value=True, label="Runs to compare", elem_id="compare-choice")
+    raw = gr.Checkbox(False, label="Also show the raw (unsmoothed) loss", elem_id="compare-raw")
+    start = overlay(default_compared())
+    chart = gr.LinePlot(start["value"], x="step", y="loss", color="series",
+                        color_map=start["color_map"], colors_in_legend=start["colors_in_legend"],
+                        title="Training loss (smoothed)", height=320, elem_id="runs-chart")
+    configs = gr.HTML(configs_html(default_compared()), elem_id="compare-configs")
+    with gr.Row():
+        csv_choice = gr.Dropdown(names, label="Run to export", allow_custom_value=True,
+                                 elem_id="csv-choice")
+        export = gr.Button("Export metrics as CSV", elem_id="csv-button")
+    csv_file = gr.File(label="Metrics CSV", interactive=False, elem_id="csv-file")
     with gr.Row():
         queue = gr.Markdown(queue_markdown(), elem_id="queue-view")
         with gr.Column():
             queued = gr.Dropdown([r.name for r in queued_runs()], label="Queued run",
-                                 elem_id="queued-choice")
+                                 allow_custom_value=True, elem_id="queued-choice")
             with gr.Row():
                 up = gr.Button("Sooner", elem_id="queue-up")
                 down = gr.Button("Later", elem_id="queue-down")
                 cancel = gr.Button("Cancel", variant="stop", elem_id="queue-cancel")
     with gr.Row():
-        victim = gr.Dropdown([r.name for r in runs], label="Run to delete", elem_id="delete-choice")
+        victim = gr.Dropdown(names, label="Run to delete", allow_custom_value=True,
+                             elem_id="delete-choice")
         delete = gr.Button("Delete run…", variant="stop", elem_id="delete-button")
     with gr.Row(visible=False) as confirm_row:
         confirm = gr.Button("Yes, delete it", variant="stop", elem_id="delete-confirm")
@@ -132,13 +226,24 @@ def build() -> dict:
     refresh_button = gr.Button("Refresh", size="sm")
     timer = gr.Timer(5.0)
 
-    views = [table, chart, queue, victim, queued]
+    views = [table, queue, victim, queued, chosen, csv_choice]
+    # The chart follows training on every refresh; the config table only when the choice changes
+    # (configs do not change, and redrawing it would fold up what the user unfolded).
+    chosen.change(overlay, [chosen, raw], chart, api_name=False, show_progress="hidden")
+    chosen.change(configs_html, chosen, configs, api_name=False, show_progress="hidden")
+    raw.change(overlay, [chosen, raw], chart, api_name=False, show_progress="hidden")
+    export.click(export_csv, csv_choice, [csv_file, message], api_name="export_metrics_csv")
     delete.click(ask_delete, victim, [confirm_row, message], api_name=False)
     keep.click(lambda: (gr.update(visible=False), "Kept."), None, [confirm_row, message], api_name=False)
-    confirm.click(confirm_delete, victim, [confirm_row, message] + views, api_name=False)
     for button, action in ((up, "up"), (down, "down"), (cancel, "cancel")):
         button.click(lambda name, a=action: queue_action(name, a), queued, message,
                      api_name=False).then(refresh, None, views, api_name=False)
-    refresh_button.click(refresh, None, views, api_name=False)
-    timer.tick(refresh, None, views, api_name=False, show_progress="hidden")
+    # After each refresh: a run deleted meanwhile (here or in another tab) leaves the comparison
+    # (its change event redraws the chart and the table), and the chart gains the latest steps.
+    for event in (confirm.click(confirm_delete, victim, [confirm_row, message] + views,
+                                api_name=False),
+                  refresh_button.click(refresh, None, views, api_name=False),
+                  timer.tick(refresh, None, views, api_name=False, show_progress="hidden")):
+        event.then(drop_gone, chosen, chosen, api_name=False, show_progress="hidden").then(
+            overlay, [chosen, raw], chart, api_name=False, show_progress="hidden")
     return {"refresh": refresh, "views": views}
