@@ -33,6 +33,7 @@ from engine.faults import (
     model_too_big_message,
     oom_message,
 )
+from engine.gpuhealth import GpuSampler, gpu_index
 from engine.models import (
     ModelError,
     compute_dtype,
@@ -43,6 +44,7 @@ from engine.models import (
     pick_device,
     resolve_model,
 )
+from engine.progress import Progress, phase, transformers_bar
 from engine.rundir import RunDir, process_alive, process_created
 from engine.templates import IGNORE_INDEX, TemplateError, encode, get_template, pack, text_tokens
 
@@ -184,25 +186,33 @@ def _train(run: RunDir, cfg: RunConfig, resume: bool) -> str:
     _cap_gpu_memory(device)
     dtype, dtype_why = compute_dtype(cfg.compute_dtype, device)
     source = resolve_model(cfg.model)
-    tokenizer = load_tokenizer(source, cfg.trust_remote_code)
+    name = os.path.basename(source.rstrip("/\\")) if os.path.isdir(source) else source
+    with phase(run, f"loading the tokenizer of {name}", "loaded the tokenizer"):
+        tokenizer = load_tokenizer(source, cfg.trust_remote_code)
     template = get_template(cfg.template, tokenizer)
 
-    train_rows, eval_rows = _split(cfg)
-    train_set = Dataset.from_list(_tokenise(train_rows, tokenizer, template, cfg, "training"))
-    eval_set = Dataset.from_list(_tokenise(eval_rows, tokenizer, template, cfg, "eval")) if eval_rows else None
+    with phase(run, "reading the training data", "read the data"):
+        train_rows, eval_rows = _split(cfg)
+    train_set = Dataset.from_list(_tokenise(train_rows, tokenizer, template, cfg, "training", run))
+    eval_set = Dataset.from_list(_tokenise(eval_rows, tokenizer, template, cfg, "eval", run)) if eval_rows else None
 
     download(source, download_status(run.write_status, source))
-    run.write_status(message=f"loading {source} into 4-bit")
-    model = load_quantized_model(source, cfg.quant_type, cfg.double_quant, dtype, device,
-                                 cfg.trust_remote_code)
-    model = prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-    )
-    _frozen_embeddings_to(model, dtype)
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=cfg.lora_target, task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
+    loading = Progress(run, f"loading {name} into 4-bit", unit="tensors")
+    with transformers_bar("Loading weights", loading):  # a step per tensor read and quantized
+        model = load_quantized_model(source, cfg.quant_type, cfg.double_quant, dtype, device,
+                                     cfg.trust_remote_code)
+    loading.done(f"loaded {name} into 4-bit"
+                 + (f" ({loading.total} tensors)" if loading.total else ""))
+    with phase(run, f"preparing the model for training: LoRA r={cfg.lora_r} on {cfg.lora_target}",
+               "prepared the model for LoRA training"):
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+        _frozen_embeddings_to(model, dtype)
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=cfg.lora_target, task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
 
     optimizer = cfg.optimizer
     if optimizer == "auto":
@@ -258,7 +268,9 @@ def _train(run: RunDir, cfg: RunConfig, resume: bool) -> str:
     # Steps past the checkpoint are trained again: their old chart points go (a fresh start: all).
     run.drop_metrics_after(checkpoints.step_of(checkpoint) if checkpoint else 0)
     try:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        # GPU health into gpu.jsonl while the steps run (nothing on a CPU; never stops training)
+        with GpuSampler(run, gpu_index(run, device), step=lambda: trainer.state.global_step):
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except Exception as exc:
         if is_out_of_memory(exc):  # in a step, unlike one while loading: a retry may fit
             raise OutOfMemoryInStep(str(exc)) from exc
@@ -377,21 +389,25 @@ def _read_rows(source: str, cfg: RunConfig) -> list:
     return report.rows
 
 
-def _tokenise(rows, tokenizer, template, cfg: RunConfig, split: str) -> list[dict]:
+def _tokenise(rows, tokenizer, template, cfg: RunConfig, split: str, run=None) -> list[dict]:
     texts = [row for row in rows if row.is_text]
+    progress = Progress(run, f"tokenising the {split} data", len(texts or rows))
     if texts:  # continued pre-training: every token trained, rows packed into full blocks
-        blocks = pack((text_tokens(tokenizer, row.text) for row in texts), cfg.max_seq_len)
+        blocks = pack((text_tokens(tokenizer, row.text) for row in progress.iterate(texts)),
+                      cfg.max_seq_len)
+        progress.done(f"tokenised {len(texts):,} {split} text rows")
         log.info("%d %s text rows packed into %d blocks of up to %d tokens",
                  len(texts), split, len(blocks), cfg.max_seq_len)
         return blocks
     examples, cut, empty = [], 0, 0
-    for row in rows:
+    for row in progress.iterate(rows):
         example = encode(tokenizer, template, row.messages, cfg.max_seq_len)
         cut += example.pop("length") > cfg.max_seq_len
         if all(label == IGNORE_INDEX for label in example["labels"]):
             empty += 1  # truncation removed every answer token: nothing to learn from this row
             continue
         examples.append(example)
+    progress.done(f"tokenised {len(rows):,} {split} rows")
     if cut:
         log.warning("%d %s rows are longer than max_seq_len=%d and were cut", cut, split, cfg.max_seq_len)
     if empty:
