@@ -5,14 +5,14 @@ from __future__ import annotations
 import time
 
 import gradio as gr
-import pandas as pd
 
+from app import charts
 from app.hardware_tab import selected_model
 from engine import planner
 from engine.catalog import CatalogError
 from engine.config import ConfigError, load_recipe, recipe_description, recipe_names
 from engine.hardware import detect_gpus, visible_gpus
-from engine.rundir import LIVE_STATES
+from engine.rundir import LIVE_STATES, RunDir
 from engine.runner import (RunnerError, active_run, get_run, list_runs, queued_runs, resume_run,
                            start_run, stop_run)
 
@@ -126,25 +126,61 @@ def on_load():
     return gr.update(choices=run_choices(), value=default_run())
 
 
-def show_run(run_name):
-    """Status text and loss chart of one run, read from its run directory."""
-    if not run_name:
-        return "No run yet: upload data, then press Start.", None
+def show_run(run_name, log_scale=False):
+    """Status text and loss chart of one run (the API's /run_status): the first two of live_view."""
+    return live_view(run_name, log_scale)[:2]
+
+
+def live_view(run_name, log_scale=False) -> list:
+    """Everything the live view shows, read from the run directory: the status, every chart
+    (charts.build's outputs), the "run|state" the page title follows, and the reproduce command."""
+    run = None
+    if run_name:
+        try:
+            run = get_run(run_name)
+        except RunnerError as exc:
+            return [f"⚠️ {exc}"] + blank_view()
+    if run is None:
+        return ["No run yet: upload data, then press Start."] + blank_view()
+    return run_view(run, log_scale)
+
+
+def blank_view() -> list:
+    """No run: no plots (None, never an empty frame), no state, no command."""
+    return charts.updates([], [], False) + ["", ""]
+
+
+def run_view(run: RunDir, log_scale=False) -> list:
+    status, metrics = run.read_status(), run.read_metrics()
+    health, health_text = gpu_health(run)
+    text = status_markdown(status, metrics) + queue_note()
+    if health_text:
+        text += f"\n\n{health_text}"
+    return ([text] + charts.updates(metrics, health, log_scale)
+            + [f"{run.name}|{status.get('state', '')}", reproduce_command(run)])
+
+
+def gpu_health(run: RunDir) -> tuple[list[dict], str]:
+    """The GPU's health samples and their summary in words; nothing on a CPU run. Imported here,
+    guarded: the sampler is an optional part, and the live view must work without it."""
     try:
-        run = get_run(run_name)
-    except RunnerError as exc:
-        return f"⚠️ {exc}", None
-    metrics = run.read_metrics()
-    return status_markdown(run.read_status(), metrics) + queue_note(), chart_frame(metrics)
+        from engine.gpuhealth import health_summary, read_health
+    except ImportError:
+        return [], ""
+    records = read_health(run)
+    return records, health_summary(records) if records else ""
 
 
-def chart_frame(metrics: list[dict]) -> pd.DataFrame | None:
-    points = [{"step": m["step"], "loss": m["loss"], "series": "train"} for m in metrics
-              if m.get("loss") is not None]
-    points += [{"step": m["step"], "loss": m["eval_loss"], "series": "eval"} for m in metrics
-               if m.get("eval_loss") is not None]
-    # None, not an empty frame: after an empty frame Gradio's plot draws no later data.
-    return pd.DataFrame(points) if points else None
+def reproduce_command(run: RunDir) -> str:
+    """The command that trains this run again, headless, into a new folder beside it."""
+    return (f"python -m engine train --config {_quoted(run.config_path)} "
+            f"--out {_quoted(run.path.parent / (run.name + '-again'))}")
+
+
+def _quoted(path) -> str:
+    # Double quotes work in bash, zsh, cmd and PowerShell alike; most paths need none.
+    text = str(path)
+    return f'"{text}"' if any(c in text for c in ' &()[]{};\'"$`') else text
 
 
 def status_markdown(status: dict, metrics: list[dict]) -> str:
@@ -162,7 +198,9 @@ def status_markdown(status: dict, metrics: list[dict]) -> str:
         if last.get("tokens_per_s"):
             parts.append(f"{last['tokens_per_s']:.0f} tokens/s")
         if last.get("gpu_mem_gb") is not None:
-            parts.append(f"GPU memory {last['gpu_mem_gb']:.1f} GB")
+            reserved = last.get("gpu_reserved_gb")
+            parts.append(f"GPU memory {last['gpu_mem_gb']:.1f} GB"
+                         + (f" (reserved {reserved:.1f} GB)" if reserved is not None else ""))
         elif last.get("ram_gb") is not None:
             parts.append(f"RAM {last['ram_gb']:.1f} GB")
     text = " · ".join(parts)
@@ -298,8 +336,11 @@ def build(hardware: dict, data: dict) -> dict:
     run = gr.Dropdown(choices=run_choices(), value=default_run(), label="Run", elem_id="run-choice",
                       allow_custom_value=True)
     status = gr.Markdown(elem_id="run-status")
-    chart = gr.LinePlot(None, x="step", y="loss", color="series", title="Loss",
-                        height=320, elem_id="loss-chart")
+    plots = charts.build()
+    command = gr.Textbox(label="Reproduce this run from a terminal", interactive=False,
+                         buttons=["copy"], elem_id="run-command")
+    # "run|state", hidden but rendered, so its change runs the page-title/notification script.
+    state = gr.Textbox(visible="hidden", elem_id="run-state")
     timer = gr.Timer(2.0)
 
     # One max sequence length: the Data tab's statistics use the same value the run trains with.
@@ -313,8 +354,15 @@ def build(hardware: dict, data: dict) -> dict:
     data_inputs = [data["config_inputs"][field] for field in DATA_FIELDS]
     start_button.click(start, inputs + components + data_inputs + [gpu], [run, message],
                        api_name="start_training")
+    start_button.click(None, js=charts.ASK_PERMISSION_JS)
     stop_button.click(stop, run, message, api_name="stop_training")
     resume_button.click(resume, run, message, api_name="resume_training")
-    run.change(show_run, run, [status, chart], api_name="run_status")
-    timer.tick(show_run, run, [status, chart], api_name=False, show_progress="hidden")
+    view = [run, plots["log_scale"]]
+    outputs = [status] + plots["outputs"] + [state, command]
+    # The API keeps its two outputs (status, loss chart); the page refreshes everything.
+    run.change(show_run, view, [status, plots["loss"]], api_name="run_status")
+    run.change(live_view, view, outputs, api_name=False, show_progress="hidden")
+    plots["log_scale"].change(live_view, view, outputs, api_name=False, show_progress="hidden")
+    timer.tick(live_view, view, outputs, api_name=False, show_progress="hidden")
+    state.change(None, state, None, js=charts.STATE_JS)
     return {"run": run, "on_load": on_load}

@@ -13,6 +13,7 @@ import psutil
 from transformers import TrainerCallback
 
 from engine import checkpoints
+from engine.progress import NO_PROGRESS
 from engine.rundir import RunDir
 
 log = logging.getLogger("engine.train")
@@ -31,12 +32,19 @@ class StudioCallback(TrainerCallback):
         self.started = self.last_save = time.time()
         self.first_step = 0
         self.last_log = (self.started, 0)  # (time, tokens seen) at the previous log
+        self.saving_since = None  # when Trainer began writing a checkpoint
+        self.saved = "saved"  # or "evaluated and saved": what the time until on_save covers
+        self.busy_message = False  # a message that must go once its wait is over (evaluating)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = self.last_save = time.time()
         self.first_step = state.global_step  # above 0 on resume: the ETA counts this session's pace
         self.last_log = (self.started, state.num_input_tokens_seen)
-        self.run.write_status(step=state.global_step, total_steps=state.max_steps, elapsed_s=0)
+        self.saving_since, self.busy_message = None, False
+        # Before step 1 ends there is nothing to count: say why nothing moves yet.
+        self.run.write_status(step=state.global_step, total_steps=state.max_steps, elapsed_s=0,
+                              message=f"first training step (step {state.global_step + 1} of "
+                              f"{state.max_steps}): warming up", **NO_PROGRESS)
 
     def on_step_end(self, args, state, control, **kwargs):
         now = time.time()
@@ -52,23 +60,57 @@ class StudioCallback(TrainerCallback):
             self.run.write_status(state="stopping", message="stopping: saving the adapter")
         self.run.write_status(step=state.global_step, total_steps=state.max_steps,
                               epoch=state.epoch, elapsed_s=round(elapsed, 1),
-                              eta_s=None if math.isnan(eta) else round(eta, 1))
+                              eta_s=None if math.isnan(eta) else round(eta, 1),
+                              **self._step_message(state, control, now))
+
+    def _step_message(self, state, control, now) -> dict:
+        """What the status message becomes at this step's end: the first step's time, a checkpoint
+        or evaluation about to be written (Trainer does both right after this callback), or
+        plain training once such a wait is over; nothing while stopping."""
+        if self.stop_seen:
+            return {}
+        step, total = state.global_step, state.max_steps
+        message = None
+        if step == self.first_step + 1:
+            took = now - self.started
+            log.info("first training step took %.1f s", took)
+            message = f"training: step {step} of {total} (the first step took {took:.1f} s)"
+        elif self.busy_message:
+            message = f"training: step {step} of {total}"
+        self.busy_message = False
+        if control.should_save:
+            self.saving_since = now
+            self.saved = "evaluated and saved" if control.should_evaluate else "saved"
+            name = f"{checkpoints.PREFIX}{step}"
+            message = (f"evaluating, then saving {name}" if control.should_evaluate
+                       else f"saving {name}")
+        elif control.should_evaluate:
+            self.busy_message = True
+            message = f"evaluating at step {step} of {total}"
+        return {"message": message} if message else {}
 
     def on_save(self, args, state, control, model=None, **kwargs):
         self.last_save = time.time()
         path = self.run.checkpoints_dir / f"{checkpoints.PREFIX}{state.global_step}"
+        took = self.last_save - (self.saving_since or self.last_save)
+        self.saving_since = None
         params = [p for p in model.parameters() if p.requires_grad] if model is not None else []
         problem = checkpoints.problem(path, params)
         if problem:
             # Never leave a checkpoint a resume could pick up that is broken or holds NaN weights.
             shutil.rmtree(path, ignore_errors=True)
             log.error("checkpoint %s discarded: %s", path.name, problem)
+            self.busy_message = True  # "saving checkpoint-N" goes at the next step's end
             if "finite" in problem and not self.bad_loss:
                 self.bad_loss = f"the adapter weights became NaN/inf at step {state.global_step}"
                 control.should_training_stop = True
             return
         checkpoints.mark_complete(path)
-        log.info("saved %s", path.name)
+        log.info("%s %s in %.1f s", self.saved, path.name, took)
+        if not self.stop_seen:  # written: "saving checkpoint-N" goes
+            self.run.write_status(message=f"training: step {state.global_step} of "
+                                  f"{state.max_steps} ({self.saved} {path.name} in {took:.1f} s)")
+        self.saved = "saved"
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
@@ -84,6 +126,7 @@ class StudioCallback(TrainerCallback):
         last_time, last_tokens = self.last_log
         tokens = state.num_input_tokens_seen
         self.last_log = (now, tokens)
+        gpu_memory = _gpu_memory_gb() if self.device == "cuda" else (None, None)
         record = {
             "step": state.global_step,
             "epoch": round(state.epoch or 0, 4),
@@ -93,7 +136,10 @@ class StudioCallback(TrainerCallback):
             "grad_norm": logs.get("grad_norm") if checkpoints.finite(logs.get("grad_norm")) else None,
             "tokens_per_s": round((tokens - last_tokens) / max(now - last_time, 1e-6), 1)
             if "loss" in logs else None,
-            "gpu_mem_gb": _gpu_memory_gb() if self.device == "cuda" else None,
+            # Peak since the run began: allocated is what tensors hold, reserved what PyTorch's
+            # caching allocator keeps from the card (what nvidia-smi and an OOM see).
+            "gpu_mem_gb": gpu_memory[0],
+            "gpu_reserved_gb": gpu_memory[1],
             "ram_gb": round(psutil.Process().memory_info().rss / 1024**3, 2),
             "time": round(now, 2),
         }
@@ -102,7 +148,9 @@ class StudioCallback(TrainerCallback):
                  ", ".join(f"{k}={v}" for k, v in record.items() if v is not None and k != "time"))
 
 
-def _gpu_memory_gb() -> float:
+def _gpu_memory_gb() -> tuple[float, float]:
+    """Peak GPU memory in GB: (allocated by tensors, reserved by PyTorch's allocator)."""
     import torch
 
-    return round(torch.cuda.max_memory_allocated() / 1024**3, 2)
+    return (round(torch.cuda.max_memory_allocated() / 1024**3, 2),
+            round(torch.cuda.max_memory_reserved() / 1024**3, 2))

@@ -143,10 +143,30 @@ def newest_run(data_dir: Path) -> RunDir:
     return RunDir(max((data_dir / "runs").glob("*/config.yaml")).parent)
 
 
-def chart_points(page) -> int:
-    """Points on the rendered loss line: vega draws it as one SVG path, a segment per point."""
-    paths = page.locator("#loss-chart svg .mark-line path").all()
+def chart_points(page, chart: str = "loss-chart") -> int:
+    """Points on a chart's longest rendered line: vega draws each as one SVG path, a segment per
+    point."""
+    paths = page.locator(f"#{chart} svg .mark-line path").all()
     return max((len(re.findall(r"[ML]", p.get_attribute("d") or "")) for p in paths), default=0)
+
+
+# Every live chart of a CPU run (the GPU health chart stays hidden without a GPU).
+CHARTS = ("loss-chart", "lr-chart", "grad-norm-chart", "tokens-chart", "memory-chart")
+
+
+def axis_titles(page, chart: str) -> list[str]:
+    return page.locator(f"#{chart} svg .role-axis-title text").all_text_contents()
+
+
+# Records the page's notifications instead of showing them, and grants the permission Start asks.
+FAKE_NOTIFICATIONS = """
+window.qlsNotes = [];
+window.Notification = class {
+  static permission = "granted";
+  static requestPermission() { return Promise.resolve("granted"); }
+  constructor(title, options) { window.qlsNotes.push(title); }
+};
+"""
 
 
 @pytest.mark.slow
@@ -166,7 +186,10 @@ def test_browser_upload_train_reload_and_chat(app, facts_file):
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.add_init_script(FAKE_NOTIFICATIONS)
         page.set_default_timeout(60_000)
+        # expect() has its own 5 s default, too short for a busy 2-core host.
+        expect.set_options(timeout=60_000)
         page.goto(app.url)
         expect(page.locator("#hardware-info")).to_contain_text("CPU")
         screenshot(page, "hardware")
@@ -190,18 +213,42 @@ def test_browser_upload_train_reload_and_chat(app, facts_file):
         run = newest_run(app.data_dir)
         wait_for(run, lambda s: (s.get("step") or 0) >= 3 or s["state"] != "running", "3 steps")
         wait_until(lambda: chart_points(page) >= 3, 60, "3 points on the chart")
-        before = chart_points(page)
-        wait_for(run, lambda s: (s.get("step") or 0) > before + 1 or s["state"] != "running",
-                 "more steps")
-        wait_until(lambda: chart_points(page) > before, 60, "the chart to gain points")
+        for chart in CHARTS:  # learning rate, gradient norm, speed and memory are drawn too
+            wait_until(lambda: chart_points(page, chart) >= 2, 60, f"2 points on {chart}")
+        before = {chart: chart_points(page, chart) for chart in CHARTS}
+        wait_for(run, lambda s: (s.get("step") or 0) > max(before.values()) + 1
+                 or s["state"] != "running", "more steps")
+        for chart in CHARTS:
+            wait_until(lambda: chart_points(page, chart) > before[chart], 60,
+                       f"{chart} to gain points")
+        expect(page.locator("#gpu-health-chart")).to_be_hidden()  # a CPU run has no GPU health
+        expect(page.locator("#run-command textarea")).to_have_value(
+            re.compile(rf"^python -m engine train --config \S*{re.escape(run.name)}\S*config\.yaml "
+                       r"--out \S+$"))
 
-        # A reload (a closed tab, a restarted UI) finds the running job and its chart again.
+        # The log-scale switch redraws the loss chart on a log10 axis, and back.
+        assert axis_titles(page, "loss-chart") == ["step", "loss"]
+        page.locator("#loss-log-scale input").check()
+        wait_until(lambda: axis_titles(page, "loss-chart") == ["step", "log10(loss)"], 60,
+                   "the loss chart's log axis")
+        assert chart_points(page) >= before["loss-chart"]
+        page.locator("#loss-log-scale input").uncheck()
+        wait_until(lambda: axis_titles(page, "loss-chart") == ["step", "loss"], 60,
+                   "the loss chart's linear axis")
+
+        # A reload (a closed tab, a restarted UI) finds the running job and its charts again.
         page.reload()
         page.get_by_role("tab", name="Train").click()
         expect(page.locator("#run-status")).to_contain_text("running", timeout=30_000)
-        wait_until(lambda: chart_points(page) >= before, 60, "the chart after the reload")
+        for chart in CHARTS:
+            wait_until(lambda: chart_points(page, chart) >= before[chart], 60,
+                       f"{chart} after the reload")
+        expect(page).to_have_title(re.compile("running"), timeout=30_000)
         wait_for(run, lambda s: s["state"] != "running", "the run to finish")
         expect(page.locator("#run-status")).to_contain_text("finished", timeout=60_000)
+        # The title says so (a tab in the background), and the watched run's end notifies.
+        expect(page).to_have_title(re.compile("finished"), timeout=30_000)
+        assert page.evaluate("window.qlsNotes") == ["QLoRA Studio: run finished"]
         screenshot(page, "train")
 
         page.get_by_role("tab", name="Chat").click()
