@@ -9,8 +9,9 @@ What our engine does (engine/train.py), and what each part below charges for it:
   4 bits + 8-bit absmax per 64 + fp32 second-level constant per 256*64 = 4.127 bits per weight.
   Embeddings, the output head and norms stay unquantized.
 - peft's prepare_model_for_kbit_training casts every non-4-bit parameter to fp32 (peft 0.21,
-  utils/other.py); engine/train.py then casts the frozen embeddings and head back to the 16-bit
-  compute dtype, as the paper's qlora.py does. So they cost 2 bytes per weight, the residual
+  utils/other.py); the paper's qlora.py casts the frozen embeddings and head back to 16 bits, and
+  engine/train.py never upcasts them (prepare_for_kbit_training: no transient fp32 copy, which was
+  the loading peak on an H200). So they cost 2 bytes per weight, the residual
   stream leaving a 16-bit embedding is 16-bit (gradient checkpoints: 2 bytes per hidden unit),
   and no 16-bit copy of the head is made under autocast. HF_PEFT_STACK is the plain Hugging Face
   recipe without that cast: fp32 embeddings, head and residual, plus a bf16 copy of the head

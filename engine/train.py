@@ -178,7 +178,7 @@ def _halve_micro_batch(run: RunDir, cfg: RunConfig) -> RunConfig:
 def _train(run: RunDir, cfg: RunConfig, resume: bool) -> str:
     import torch
     from datasets import Dataset
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 
     set_seed(cfg.seed)
@@ -205,11 +205,7 @@ def _train(run: RunDir, cfg: RunConfig, resume: bool) -> str:
                  + (f" ({loading.total} tensors)" if loading.total else ""))
     with phase(run, f"preparing the model for training: LoRA r={cfg.lora_r} on {cfg.lora_target}",
                "prepared the model for LoRA training"):
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-        _frozen_embeddings_to(model, dtype)
+        prepare_for_kbit_training(model, cfg.gradient_checkpointing)
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=cfg.lora_target, task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
@@ -321,19 +317,25 @@ def _cap_gpu_memory(device: str) -> None:
              min(limit_gb, total_gb), total_gb)
 
 
-def _frozen_embeddings_to(model, dtype) -> None:
-    """peft's prepare_model_for_kbit_training upcasts every unquantized weight to fp32. For the
-    frozen embeddings and output head that only doubles their memory (Llama 3's 128K vocabulary:
-    4.2 GB instead of 2.1 GB, plus a 16-bit copy of the head under autocast), so they go back to the
-    compute dtype, as the QLoRA paper's own qlora.py does. Norms stay fp32: tiny, and where the
-    precision matters."""
+def prepare_for_kbit_training(model, gradient_checkpointing: bool) -> None:
+    """peft's prepare_model_for_kbit_training without its fp32 copy of the frozen embeddings and
+    output head. peft upcasts every unquantized weight to fp32; the QLoRA paper's qlora.py then
+    casts the embeddings and head back to 16 bits, as we did. But the fp32 copies exist for a
+    moment, and on an H200 that moment was the run's peak: a Llama-3-vocabulary model held 6.4 GB
+    while loading against 3.6 GB planned for training (bench/results/gpu-check-nvidia-h200-*).
+    So: freeze everything, upcast only the small unquantized weights (norms, biases: precision
+    matters there) and leave the embeddings and head in the compute dtype they were loaded in."""
     import torch
 
-    if dtype == torch.float32:
-        return
-    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-        if module is not None:
-            module.to(dtype)
+    big = {id(module.weight) for module in (model.get_input_embeddings(),
+                                            model.get_output_embeddings()) if module is not None}
+    for param in model.parameters():
+        param.requires_grad = False
+        if (param.dtype in (torch.float16, torch.bfloat16) and id(param) not in big
+                and type(param).__name__ != "Params4bit"):
+            param.data = param.data.to(torch.float32)
+    if gradient_checkpointing:  # use_reentrant=False: inputs need no requires_grad hook
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _resume_point(run: RunDir):
