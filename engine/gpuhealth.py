@@ -8,7 +8,6 @@ read_health and puts into words with health_summary. A CPU run samples nothing a
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from engine.hardware import GIB
-from engine.rundir import RunDir
+from engine.rundir import RunDir, append_line, read_lines
 
 log = logging.getLogger("engine.train")
 
@@ -137,8 +136,7 @@ class GpuSampler:
         while True:
             try:
                 record = self.sample()
-                with open(health_path(self.run), "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(record, separators=(",", ":")) + "\n")
+                append_line(health_path(self.run), record)
             except Exception as exc:  # noqa: BLE001 - health is a nicety; training must go on
                 log.warning("GPU health sampling stopped: %s: %s", type(exc).__name__, exc)
                 return
@@ -153,17 +151,7 @@ def throttle_words(bits: int) -> list[str]:
 
 def read_health(run: RunDir | str | Path) -> list[dict]:
     """Every sample of a run, oldest first; [] when there is none (a CPU run, not started yet)."""
-    try:
-        lines = health_path(run).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return []
-    records = []
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # the last line may be mid-write; it will be whole next time
-    return records
+    return read_lines(health_path(run))
 
 
 def health_summary(records: list[dict]) -> str:

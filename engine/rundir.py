@@ -70,22 +70,10 @@ class RunDir:
         return status
 
     def append_metric(self, record: dict) -> None:
-        with open(self.metrics_path, "a", encoding="utf-8") as fh:
-            fh.write(_metric_line(record))
-            fh.flush()
+        append_line(self.metrics_path, record)
 
     def read_metrics(self) -> list[dict]:
-        try:
-            lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            return []
-        records = []
-        for line in lines:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # the last line may be mid-write; it will be whole next time
-        return records
+        return read_lines(self.metrics_path)
 
     def request_stop(self) -> None:
         self.stop_path.write_text(str(time.time()))
@@ -154,6 +142,28 @@ def replace_file(source: Path, target: Path) -> None:
 
 def _metric_line(record: dict) -> str:
     return json.dumps(record, separators=(",", ":")) + "\n"
+
+
+def append_line(path: Path, record: dict) -> None:
+    """One whole JSON line at the end of an append-only file (metrics.jsonl, gpu.jsonl)."""
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(_metric_line(record))
+        fh.flush()
+
+
+def read_lines(path: Path) -> list[dict]:
+    """The records of an append-only JSON-lines file; [] when it does not exist yet."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # the last line may be mid-write; it will be whole next time
+    return records
 
 
 def process_created(pid: int) -> float:
