@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -60,13 +61,24 @@ def main(argv=None) -> int:
     if warning:
         print(warning, file=sys.stderr)
 
+    # The app's own warnings (failed logins, ...) go to stderr with where they came from.
+    logging.basicConfig(level=logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from app.login import FREE_FAILURES, MAX_DELAY_S, throttled_login
     from app.main import build_ui
     from engine.paths import data_dir
     from engine.readers import max_upload_bytes
 
     data_dir().mkdir(parents=True, exist_ok=True)
     demo = build_ui()
-    auth = tuple(args.auth.split(":", 1)) if args.auth else None
+    auth, app_kwargs, auth_message = None, {}, None
+    if args.auth:
+        auth, app_kwargs = throttled_login(*args.auth.split(":", 1))
+        # Gradio's login page shows nothing for a refused (429) login, so it says so up front.
+        auth_message = (f"After {FREE_FAILURES} failed logins, logins from your address are refused "
+                        f"for a growing delay (up to {MAX_DELAY_S / 60:.0f} minutes): if the login "
+                        "button does nothing, wait and try again.")
     shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     print(f"QLoRA Studio: http://{shown_host}:{args.port}  (data in {data_dir()})", flush=True)
     demo.queue(default_concurrency_limit=4).launch(
@@ -74,6 +86,8 @@ def main(argv=None) -> int:
         server_port=args.port,
         share=args.share,
         auth=auth,
+        auth_message=auth_message,
+        app_kwargs=app_kwargs,
         inbrowser=not args.no_browser,
         allowed_paths=[str(data_dir())],  # with Gradio's own upload cache, the only files it serves
         max_file_size=max_upload_bytes(),  # refused at the HTTP layer, before it reaches the disk
