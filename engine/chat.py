@@ -25,7 +25,7 @@ from engine.models import (
     pick_device,
     resolve_model,
 )
-from engine.rundir import RunDir
+from engine.rundir import TEMPLATE_FILE, RunDir
 from engine.templates import get_template
 
 
@@ -42,8 +42,6 @@ class ChatModel:
         self.gpu_index = None  # nvidia-smi's index of the GPU this model is on
         gpu = _chat_gpu() if self.device == "cuda" else None  # GpuBusyError before anything loads
         import torch
-
-        from engine.train import TEMPLATE_FILE  # here: importing engine.train loads transformers
 
         on_gpu = contextlib.nullcontext()
         if gpu is not None:

@@ -35,7 +35,7 @@ def disk_message(run: RunDir, exc: Exception) -> str:
     reason = ("the disk is full" if "space" in str(exc).lower() or getattr(exc, "errno", None)
               in (errno.ENOSPC, errno.EDQUOT) else "the run folder is not writable")
     return (f"could not write to {run.path}: {reason} ({exc}). {kept[0].upper() + kept[1:]}. "
-            "Free some space (or fix the folder's permissions), then press Resume")
+            "Free some space (or fix the folder's permissions), then resume the run")
 
 
 def oom_message(run: RunDir, cfg: RunConfig, retries: int = 0) -> str:

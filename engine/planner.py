@@ -224,7 +224,7 @@ def preflight(model_name: str, max_seq_len: int, micro_batch: int, lora_r: int,
             fixes.append("lower the LoRA rank to 16")
         elif low_rank > length:
             fixes.append(f"lower the LoRA rank to 16 and max_seq_len to {low_rank} or less")
-    fixes.append("pick a smaller model (the Hardware tab lists the ones that fit)")
+    fixes.append("pick a smaller model (the recommendations list the ones that fit)")
     return text + " To fit: " + "; or ".join(fixes) + "."
 
 

@@ -20,6 +20,8 @@ import psutil
 from engine import checkpoints
 
 STATES = ("queued", "running", "stopping", "finished", "failed", "stopped")
+# In adapter/: the prompt template and base model a run trained with, so chat renders the same way.
+TEMPLATE_FILE = "prompt_template.json"
 LIVE_STATES = ("queued", "running", "stopping")
 
 

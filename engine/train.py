@@ -45,11 +45,10 @@ from engine.models import (
     resolve_model,
 )
 from engine.progress import Progress, phase, transformers_bar
-from engine.rundir import RunDir, process_alive, process_created
+from engine.rundir import TEMPLATE_FILE, RunDir, process_alive, process_created
 from engine.templates import IGNORE_INDEX, TemplateError, encode, get_template, pack, text_tokens
 
 log = logging.getLogger("engine.train")
-TEMPLATE_FILE = "prompt_template.json"
 KNOWN_ERRORS = (ConfigError, DataError, ModelError, TemplateError)
 RETRYING = "retrying"  # run_training's answer when the run goes on in a fresh process
 MAX_OOM_RETRIES = 3  # micro-batch 8 -> 4 -> 2 -> 1; each retry loads the model again
@@ -130,7 +129,7 @@ def _hand_to_new_process(run: RunDir, cfg: RunConfig) -> str:
         successor = spawn(RunDir(run.path.resolve()), resume=True)
     except (OSError, RunnerError) as exc:
         return _fail(run, f"could not start a new training process for the retry ({exc}); the last "
-                     "checkpoint is kept: Resume continues from it")
+                     "checkpoint is kept: resuming the run continues from it")
     if stop_asked:
         run.request_stop()  # spawn clears stop requests as old; this one is for the new process
     log.info("the run goes on in a new training process (pid %d) once this one has exited",
@@ -278,7 +277,7 @@ def _train(run: RunDir, cfg: RunConfig, resume: bool) -> str:
         return _fail(run, f"{callback.bad_loss}; training stopped at step {step}. "
                      + (f"The last good checkpoint ({last.name}) is kept: " if last else "")
                      + f"lower the learning rate (now {cfg.lr:g}) or max_grad_norm, then start again"
-                     + (" or Resume" if last else ""))
+                     + (" or resume the run" if last else ""))
     _save_adapter(run, model, tokenizer, cfg, source)
     stopped = callback.stop_seen
     notes = run.read_status().get("notes") or []

@@ -215,7 +215,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(data_dir, f
     run = create_run(tiny(facts_file), name="disk")
     assert run_training(str(run.path)) == "failed"
     message = run.read_status()["message"]
-    assert "the disk is full" in message and "checkpoint-1" in message and "Resume" in message
+    assert "the disk is full" in message and "checkpoint-1" in message and "resume the run" in message
     half_written = run.checkpoints_dir / "checkpoint-2"
     assert half_written.is_dir() and not checkpoints.is_complete(half_written)
     assert run.latest_checkpoint().name == "checkpoint-1"

@@ -29,6 +29,32 @@ def test_app_code_never_imports_torch_or_friends():
     assert not imported_modules("app") & set(HEAVY)
 
 
+def messages(path: Path) -> list[str]:
+    """The string literals of a module that are not docstrings: what it can say to a person."""
+    tree = ast.parse(path.read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)}
+    return [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)
+            and isinstance(node.value, str) and id(node) not in docstrings]
+
+
+def test_engine_messages_name_no_ui_elements():
+    # The engine also speaks through the command line; the UI adds its own hints about its tabs.
+    import re
+
+    ui_words = re.compile(r"\b(the \w+ tab|press|click|button)\b", re.IGNORECASE)
+    found = [(path.name, text) for path in (ROOT / "engine").glob("*.py")
+             for text in messages(path) if ui_words.search(text)]
+    assert found == []
+
+
+def test_chat_does_not_import_the_training_recipe():
+    chat = ast.parse((ROOT / "engine" / "chat.py").read_text())
+    modules = {node.module for node in ast.walk(chat) if isinstance(node, ast.ImportFrom)}
+    assert "engine.train" not in modules
+
+
 def test_engine_never_imports_gradio():
     assert "gradio" not in imported_modules("engine")
 
