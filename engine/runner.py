@@ -93,18 +93,23 @@ def ensure_resumable(run: RunDir) -> None:
 
 def resume_run(run: RunDir) -> str:
     """Continue a stopped or failed run from its last checkpoint (now, or after the active run)."""
-    ensure_resumable(run)
+    ensure_resumable(run)  # a clear answer before the chat model is unloaded for nothing
     checkpoint = run.latest_checkpoint()
     where = f"from {checkpoint.name}" if checkpoint else "from the start (it has no checkpoint yet)"
     note = _unload_chat_for(run, _gpu_for(RunConfig.load(run.config_path)))
-    started = _start_or_queue(run, resume=True)
+    # Checked again under the queue lock: of two Resumes at once (a double click, two tabs) one
+    # starts the run and the other is refused, never queued over the running run's status.
+    started = _start_or_queue(run, resume=True, check=ensure_resumable)
     text = f"resuming run {run.name} {where}" if started else \
         f"run {run.name} will resume {where} when the active run ends (queued)"
     return text + (f"; {note}" if note else "")
 
 
-def _start_or_queue(run: RunDir, resume: bool) -> bool:
+def _start_or_queue(run: RunDir, resume: bool, check=None) -> bool:
+    """Spawn the run now if the GPU is free, else queue it; check(run) first, under the lock."""
     with _queue_lock():
+        if check is not None:
+            check(run)
         if active_run() is None and not _read_queue():
             spawn(run, resume=resume)
             return True
@@ -145,7 +150,14 @@ def spawn(run: RunDir, resume: bool = False) -> subprocess.Popen:
     # "running" from the moment the process exists, so a second start sees the GPU as taken.
     try:
         created = process_created(process.pid)
-    except Exception:  # noqa: BLE001 - it already ended; its own status says how
+    except Exception:  # noqa: BLE001 - it already ended before we could see it
+        process.wait()
+        if run.read_status().get("pid") != process.pid:  # it never wrote a status of its own
+            tail = run.log_tail(5)
+            message = (f"the training process ended at once (exit code {process.returncode}) "
+                       "before it could report")
+            run.write_status(state="failed", pid=None, message=message,
+                             error=message + (f". Last log lines:\n{tail}" if tail else ""))
         return process
     run.write_status(state="running", pid=process.pid, pid_created=created,
                      message="starting the training process", error="")
