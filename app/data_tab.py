@@ -15,13 +15,8 @@ from engine.datastats import StatsCollector
 from engine.paths import uploads_dir
 from engine.preview import CUT, TRAINED, preview_row, preview_template
 from engine.readers import SUFFIXES, UploadError, store_upload
-from engine.templates import TemplateError
+from engine.templates import TemplateError, template_choices
 
-TEMPLATES = [
-    ("Guanaco (### Human: / ### Assistant:, the QLoRA paper's)", "guanaco"),
-    ("Alpaca (### Instruction: / ### Response:)", "alpaca"),
-    ("The model's own chat template", "model"),
-]
 FORMAT_CHOICES = [("Detect automatically", "auto")] + [(f"{k}: {v}", k) for k, v in FORMATS.items()]
 PREVIEW_ROWS = 3
 MAX_LISTED = 20
@@ -152,7 +147,8 @@ def build(hardware: dict) -> dict:
             columns = gr.Textbox(label="Column mapping (csv/parquet, optional)",
                                  placeholder="prompt=question,completion=answer", elem_id="data-columns")
     with gr.Row():
-        template = gr.Dropdown(choices=TEMPLATES, label="Prompt format", elem_id="template-choice",
+        template = gr.Dropdown(choices=template_choices(), label="Prompt format",
+                               elem_id="template-choice",
                                value=template_for(hardware["model"].value, hardware["custom_model"].value))
         max_seq_len = gr.Number(value=512, precision=0, label="Max sequence length (tokens)",
                                 elem_id="data-max-seq-len")

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from engine.config import PRESETS_DIR
+from engine.templates import template_names
 
 # Architectures whose MLP is two plain matrices (up, down); every other family we know uses a gated
 # MLP with three (gate, up, down), as Llama does.
@@ -46,7 +47,7 @@ class CatalogModel:
     max_context: int
     params_b: float = 0.0  # published parameter count (0 = unknown, e.g. a local folder)
     licence: str = "unknown"
-    prompt_style: str = "guanaco"  # default template: guanaco (base models) or model (chat template)
+    prompt_style: str = "guanaco"  # default template, a name in engine/templates.py's TEMPLATES
     head_dim: int = 0  # 0 = hidden / heads
     cpu_ok: bool = False  # small enough to fine-tune on a CPU in minutes
     gated: bool = False  # the Hub asks you to accept a licence first
@@ -112,8 +113,9 @@ class CatalogModel:
             found.append(f"heads ({self.heads}) must divide hidden ({self.hidden}), or set head_dim")
         if self.heads % self.kv_heads:
             found.append(f"kv_heads ({self.kv_heads}) must divide heads ({self.heads})")
-        if self.prompt_style not in ("guanaco", "alpaca", "model"):
-            found.append(f"prompt_style '{self.prompt_style}' is unknown: use guanaco, alpaca or model")
+        if self.prompt_style not in template_names():
+            found.append(f"prompt_style '{self.prompt_style}' is unknown: "
+                         f"use {', '.join(template_names())}")
         if self.weights_format not in ("safetensors", "pickle"):
             found.append(f"weights_format '{self.weights_format}' is unknown: "
                          "use safetensors or pickle")

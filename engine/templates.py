@@ -23,6 +23,69 @@ class TemplateError(ValueError):
     """A template cannot render this model's conversations; the message says what to choose instead."""
 
 
+@dataclass(frozen=True)
+class TemplateSpec:
+    """One prompt format. Turns are format strings with {content}, and {eos} for the assistant's:
+    EOS after each answer is what teaches the model to stop."""
+
+    label: str  # what people see in the UI's dropdown
+    system: str = ""
+    user: str = ""
+    assistant: str = ""
+    generation_prompt: str = ""  # what asks the model to answer; a prefix of the assistant turn
+    preamble: str = ""  # written first, unless the conversation opens with its own system message
+    stop_strings: tuple[str, ...] = ()  # the next user turn: where chat stops generating
+    # Chat templates write their own BOS/special tokens; text templates rely on the tokenizer's.
+    add_special_tokens: bool = True
+    chat_template: bool = False  # render with the tokenizer's own chat template (only "model")
+
+
+# The one registry of prompt templates: config validation, the CLI, the catalog and the UI read
+# their names from here, so adding a text template is one entry.
+TEMPLATES: dict[str, TemplateSpec] = {
+    # The Guanaco/OASST format of the QLoRA paper.
+    "guanaco": TemplateSpec(
+        label="Guanaco (### Human: / ### Assistant:, the QLoRA paper's)",
+        system="{content}\n",
+        user="### Human: {content}",
+        assistant="### Assistant: {content}{eos}",
+        generation_prompt="### Assistant:",
+        stop_strings=("### Human:",),
+    ),
+    "alpaca": TemplateSpec(
+        label="Alpaca (### Instruction: / ### Response:)",
+        system="{content}\n\n",
+        user="### Instruction:\n{content}\n\n",
+        assistant="### Response:\n{content}{eos}\n\n",
+        generation_prompt="### Response:\n",
+        preamble=ALPACA_PREAMBLE,
+        stop_strings=("### Instruction:",),
+    ),
+    "model": TemplateSpec(
+        label="The model's own chat template", add_special_tokens=False, chat_template=True
+    ),
+}
+
+
+def template_names() -> list[str]:
+    """Every template's name, "model" included, in the registry's order."""
+    return list(TEMPLATES)
+
+
+def template_choices() -> list[tuple[str, str]]:
+    """(label, name) pairs for a dropdown."""
+    return [(spec.label, name) for name, spec in TEMPLATES.items()]
+
+
+def _in_words(names: list[str]) -> str:
+    """["guanaco", "alpaca", "model"] -> "guanaco, alpaca or model", for messages."""
+    return " or ".join(filter(None, [", ".join(names[:-1]), names[-1]]))
+
+
+def _text_templates() -> str:
+    return _in_words([name for name, spec in TEMPLATES.items() if not spec.chat_template])
+
+
 @dataclass
 class Template:
     name: str
@@ -30,16 +93,20 @@ class Template:
     chat_template_tokenizer: object = None  # only for name == "model"
 
     @property
+    def spec(self) -> TemplateSpec:
+        return TEMPLATES[self.name]
+
+    @property
     def add_special_tokens(self) -> bool:
-        # Chat templates write their own BOS/special tokens; our text templates rely on the tokenizer's.
-        return self.name != "model"
+        return self.spec.add_special_tokens
 
     @property
     def stop_strings(self) -> list[str]:
-        return {"guanaco": ["### Human:"], "alpaca": ["### Instruction:"]}.get(self.name, [])
+        return list(self.spec.stop_strings)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        if self.name == "model":
+        spec = self.spec
+        if spec.chat_template:
             from jinja2 import TemplateError as JinjaError
 
             try:
@@ -49,40 +116,34 @@ class Template:
             except JinjaError as exc:  # the template's own refusal, e.g. Gemma's "System role not supported"
                 raise TemplateError(
                     f"this model's chat template refuses the conversation: {exc}. Change the rows "
-                    "(Gemma, for one, takes no system messages) or choose guanaco or alpaca"
+                    f"(Gemma, for one, takes no system messages) or choose {_text_templates()}"
                 ) from exc
         text = ""
         for message in messages:
             text += self._turn(message["role"], message["content"], first=not text)
         if add_generation_prompt:
-            if not text and self.name == "alpaca":
-                text = ALPACA_PREAMBLE
-            text += "### Assistant:" if self.name == "guanaco" else "### Response:\n"
+            if not text:
+                text = spec.preamble
+            text += spec.generation_prompt
         return text
 
     def _turn(self, role: str, content: str, first: bool) -> str:
-        if self.name == "guanaco":
-            # The Guanaco/OASST format of the QLoRA paper; EOS after each answer teaches the model to stop.
-            return {
-                "system": f"{content}\n",
-                "user": f"### Human: {content}",
-                "assistant": f"### Assistant: {content}{self.eos}",
-            }[role]
-        preamble = ALPACA_PREAMBLE if first and role != "system" else ""
-        return preamble + {
-            "system": f"{content}\n\n",
-            "user": f"### Instruction:\n{content}\n\n",
-            "assistant": f"### Response:\n{content}{self.eos}\n\n",
-        }[role]
+        spec = self.spec
+        preamble = spec.preamble if first and role != "system" else ""
+        turn = {"system": spec.system, "user": spec.user, "assistant": spec.assistant}[role]
+        return preamble + turn.format(content=content, eos=self.eos)
 
 
 def get_template(name: str, tokenizer) -> Template:
-    if name == "model":
+    spec = TEMPLATES.get(name)
+    if spec is None:
+        raise TemplateError(f"unknown prompt template '{name}': use {_in_words(template_names())}")
+    if spec.chat_template:
         if not getattr(tokenizer, "chat_template", None):
-            raise TemplateError("this model has no chat template of its own: choose guanaco or alpaca")
-        return Template("model", tokenizer.eos_token or "", tokenizer)
-    if name not in ("guanaco", "alpaca"):
-        raise TemplateError(f"unknown prompt template '{name}': use guanaco, alpaca or model")
+            raise TemplateError(
+                f"this model has no chat template of its own: choose {_text_templates()}"
+            )
+        return Template(name, tokenizer.eos_token or "", tokenizer)
     return Template(name, tokenizer.eos_token or "")
 
 
@@ -102,7 +163,7 @@ def assistant_spans(template: Template, messages: list[dict]) -> tuple[str, list
         if not (text.startswith(upto) and upto.startswith(prompt)):
             raise TemplateError(
                 f"the '{template.name}' template does not render conversations incrementally, "
-                "so the assistant's tokens cannot be found: choose guanaco or alpaca"
+                f"so the assistant's tokens cannot be found: choose {_text_templates()}"
             )
         spans.append((len(prompt), len(upto)))
     return text, spans

@@ -1,17 +1,22 @@
 """Prompt templates with the real tokenizer: loss is on the assistant's tokens and nothing else,
 the chat prompt is a prefix of the training text, and truncation stays consistent."""
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
 
+from engine import catalog, templates
 from engine.templates import (
     ALPACA_PREAMBLE,
     IGNORE_INDEX,
     TemplateError,
+    TemplateSpec,
     assistant_spans,
     encode,
     get_template,
+    template_choices,
+    template_names,
 )
 
 TEMPLATES = ("guanaco", "alpaca", "model")
@@ -203,3 +208,49 @@ def test_text_rows_end_with_eos_and_pack_into_full_blocks(tokenizer):
     assert [b["input_ids"] for b in blocks] == [[1, 2, 3, 4, 5], [6, 7, 10, 11, 12], [13, 14, 20, 21]]
     assert all(b["labels"] == b["input_ids"] and b["attention_mask"] == [1] * len(b["input_ids"])
                for b in blocks)  # no masking in continued pre-training
+
+
+# A template added to the registry, as a contributor would: one entry, nothing else.
+CHATML_LITE = TemplateSpec(
+    label="ChatML lite (<|user|> / <|assistant|>)",
+    system="<|system|>{content}\n",
+    user="<|user|>{content}\n",
+    assistant="<|assistant|>{content}{eos}\n",
+    generation_prompt="<|assistant|>",
+    stop_strings=("<|user|>",),
+)
+
+
+def test_a_template_added_to_the_registry_is_offered_everywhere_and_renders(tokenizer, monkeypatch):
+    monkeypatch.setitem(templates.TEMPLATES, "chatml-lite", CHATML_LITE)
+    assert "chatml-lite" in template_names()
+    assert (CHATML_LITE.label, "chatml-lite") in template_choices()
+    template = get_template("chatml-lite", tokenizer)
+    eos = tokenizer.eos_token
+    messages = CONVERSATIONS["single+system"]
+    assert template.render(messages) == (
+        f"<|system|>Answer briefly.\n<|user|>What is the capital of Veloria?\n"
+        f"<|assistant|>Mirrowgate.{eos}\n"
+    )
+    assert template.stop_strings == ["<|user|>"]
+    text, spans = assistant_spans(template, messages)
+    assert [text[start:end] for start, end in spans] == [f"Mirrowgate.{eos}\n"]
+    # the catalog accepts it as a model's default, and an unknown name is still refused
+    embedded = catalog.find("embedded")
+    assert replace(embedded, prompt_style="chatml-lite").problems() == []
+    assert any("chatml-lite" in p for p in replace(embedded, prompt_style="vicuna").problems())
+
+
+def test_the_catalog_and_the_data_tab_take_their_templates_from_the_registry(monkeypatch):
+    import gradio as gr
+
+    from app import data_tab
+
+    assert {m.prompt_style for m in catalog.load_catalog()} <= set(template_names())
+    assert template_names() == list(templates.TEMPLATES) and "model" in template_names()
+    monkeypatch.setitem(templates.TEMPLATES, "chatml-lite", CHATML_LITE)
+    with gr.Blocks():
+        hardware = {"model": gr.Textbox("embedded"), "custom_model": gr.Textbox("")}
+        dropdown = data_tab.build(hardware)["template"]
+    assert [tuple(choice) for choice in dropdown.choices] == template_choices()
+    assert ("ChatML lite (<|user|> / <|assistant|>)", "chatml-lite") in dropdown.choices
