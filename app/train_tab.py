@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import time
+from dataclasses import fields
 
 import gradio as gr
 
@@ -10,34 +12,28 @@ from app import charts
 from app.hardware_tab import selected_model
 from engine import planner
 from engine.catalog import CatalogError
-from engine.config import ConfigError, load_recipe, recipe_description, recipe_names
+from engine.config import ConfigError, RunConfig, load_recipe, recipe_description, recipe_names
 from engine.hardware import detect_gpus, visible_gpus
 from engine.rundir import LIVE_STATES, RunDir
 from engine.runner import (RunnerError, active_run, get_run, list_runs, queued_runs, resume_run,
                            start_run, stop_run)
 
-# Form fields, in order: (RunConfig field, label, kind, advanced?)
-FIELDS = [
-    ("epochs", "Epochs", "number", False),
-    ("lr", "Learning rate", "number", False),
-    ("lora_r", "LoRA rank (r)", "int", False),
-    ("max_seq_len", "Max sequence length (tokens)", "int", False),
-    ("micro_batch_size", "Micro-batch size", "int", False),
-    ("grad_accum_steps", "Gradient accumulation steps", "int", False),
-    ("lora_alpha", "LoRA alpha (scale = alpha / r)", "int", True),
-    ("lora_dropout", "LoRA dropout", "number", True),
-    ("lr_scheduler", "LR schedule", "schedule", True),
-    ("warmup_ratio", "Warmup share of steps", "number", True),
-    ("max_grad_norm", "Max gradient norm", "number", True),
-    ("max_steps", "Max steps (-1 = use epochs)", "int", True),
-    ("save_steps", "Checkpoint every N steps", "int", True),
-    ("seed", "Seed", "int", True),
-]
-SCHEDULES = ["constant", "cosine", "linear"]
-# Set in the Data tab, passed into the run configuration in this order.
+SETTINGS = {setting.name: setting for setting in fields(RunConfig)}
+# Form settings whose inputs are built elsewhere: in the Data tab (its config_inputs, and the
+# prompt format), and the GPU picker below (its choices are the cards found at start).
 DATA_FIELDS = ("eval_data_path", "eval_share", "data_format", "data_columns", "skip_bad_rows")
-# After the data fields, so the API's positional parameters before it keep their places.
 MACHINE_FIELDS = ("gpu",)
+
+
+def _kind(setting) -> str:
+    if setting.metadata["choices"]:
+        return "choice"
+    return {"bool": "bool", "int": "int", "float": "number", "str": "text"}[setting.type]
+
+
+# The Train tab's own form, in RunConfig's order: (field, label, kind, advanced?)
+FIELDS = [(s.name, s.metadata["label"], _kind(s), s.metadata["advanced"]) for s in SETTINGS.values()
+          if s.metadata["ui"] and s.name not in ("template", *DATA_FIELDS, *MACHINE_FIELDS)]
 
 
 def gpu_choices(gpus: list) -> list[tuple[str, int]]:
@@ -48,10 +44,16 @@ def gpu_choices(gpus: list) -> list[tuple[str, int]]:
 
 
 def _component(field: str, label: str, kind: str, value):
-    if kind == "schedule":
-        return gr.Dropdown(SCHEDULES, value=value, label=label, elem_id=f"cfg-{field}")
-    return gr.Number(value=value, label=label, precision=0 if kind == "int" else None,
-                     elem_id=f"cfg-{field}")
+    # Under the label: the setting's one line of why, as `python -m engine train --help` shows it.
+    common = {"value": value, "label": label, "info": SETTINGS[field].metadata["help"],
+              "elem_id": f"cfg-{field}"}
+    if kind == "choice":
+        return gr.Dropdown(list(SETTINGS[field].metadata["choices"]), **common)
+    if kind == "bool":
+        return gr.Checkbox(**common)
+    if kind == "text":
+        return gr.Textbox(**common)
+    return gr.Number(precision=0 if kind == "int" else None, **common)
 
 
 def recipe_values(recipe: str) -> list:
@@ -60,10 +62,10 @@ def recipe_values(recipe: str) -> list:
 
 
 def start(recipe, model_choice, custom_model, data_path, template, *values):
+    """Start (or queue) a run; values are the settings named in VALUES, in that order."""
     if not data_path:
         return gr.update(), "⚠️ Upload a valid training file in the Data tab first."
-    names = [field for field, *_ in FIELDS] + list(DATA_FIELDS) + list(MACHINE_FIELDS)
-    overrides = dict(zip(names, values))
+    overrides = dict(zip(VALUES, values))
     try:
         cfg = load_recipe(recipe, model=selected_model(model_choice, custom_model),
                           data_path=data_path, template=template, **overrides)
@@ -74,6 +76,13 @@ def start(recipe, model_choice, custom_model, data_path, template, *values):
     except (ConfigError, RunnerError) as exc:
         return gr.update(), f"⚠️ {exc}"
     return gr.update(choices=run_choices(), value=run.name), started_message(run)
+
+
+# The settings start takes after its named parameters; the API names each by its field.
+VALUES = [field for field, *_ in FIELDS] + list(DATA_FIELDS) + list(MACHINE_FIELDS)
+start.__signature__ = inspect.Signature(
+    [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in
+     ["recipe", "model_choice", "custom_model", "data_path", "template", *VALUES]])
 
 
 def stop(run_name):

@@ -6,6 +6,7 @@ Exit code 0 on success; 1 with a one-line reason on failure (a traceback only wi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -27,29 +28,30 @@ class CliError(RuntimeError):
     """A command-line mistake; printed as one line."""
 
 
-# Flags that map one-to-one onto RunConfig fields (flag -> field).
-TRAIN_FLAGS = {
-    "model": (str, "catalog id, Hub id, local folder, or 'embedded'"),
-    "data": (str, "training file (.jsonl, .json, .csv, .parquet) or a Hub dataset id"),
-    "eval_data": (str, "optional eval file for eval loss"),
-    "format": (str, "row format instead of auto-detection (alpaca, chat, sharegpt, ...)"),
-    "columns": (str, "column mapping for .csv/.parquet, e.g. prompt=question,completion=answer"),
-    "eval_share": (float, "share of rows held out for eval (default 0)"),
-    "template": (str, "prompt format: guanaco, alpaca or model"),
-    "epochs": (float, "passes over the data"),
-    "max_steps": (int, "optimizer steps instead of epochs"),
-    "lr": (float, "learning rate"),
-    "lora_r": (int, "LoRA rank"),
-    "lora_alpha": (int, "LoRA alpha (scale = alpha / r)"),
-    "max_seq_len": (int, "longest row in tokens; longer rows are cut"),
-    "micro_batch": (int, "rows per forward pass"),
-    "grad_accum": (int, "micro-batches per optimizer step"),
-    "save_steps": (int, "checkpoint every N steps"),
-    "seed": (int, "random seed"),
-    "gpu": (int, "GPU index as nvidia-smi lists it (default -1: the one with most free memory)"),
-}
-FIELD_OF_FLAG = {"data": "data_path", "eval_data": "eval_data_path", "micro_batch": "micro_batch_size",
-                 "grad_accum": "grad_accum_steps", "format": "data_format", "columns": "data_columns"}
+def flag_of(setting: dataclasses.Field) -> str:
+    """A RunConfig field's `train` flag: its own name unless its metadata names a shorter one."""
+    return "--" + (setting.metadata["flag"] or setting.name.replace("_", "-"))
+
+
+# flag -> field where they differ (e.g. micro_batch -> micro_batch_size)
+FIELD_OF_FLAG = {flag_of(f)[2:].replace("-", "_"): f.name for f in dataclasses.fields(RunConfig)
+                 if flag_of(f)[2:].replace("-", "_") != f.name}
+
+
+def _add_setting_flags(train: argparse.ArgumentParser) -> None:
+    """One flag per RunConfig field, its help the field's; unset flags stay None (the config,
+    recipe or default wins)."""
+    for setting in dataclasses.fields(RunConfig):
+        text = setting.metadata["help"].replace("%", "%%")  # argparse formats help with %
+        if setting.default != "":
+            text += f" (default: {setting.default})"
+        if setting.type == "bool":  # --group-by-length / --no-group-by-length
+            train.add_argument(flag_of(setting), dest=setting.name, help=text,
+                               action=argparse.BooleanOptionalAction)
+        else:
+            train.add_argument(flag_of(setting), dest=setting.name, help=text,
+                               type={"str": str, "int": int, "float": float}[setting.type],
+                               choices=setting.metadata["choices"] or None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,10 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="a run configuration YAML")
     train.add_argument("--recipe", choices=recipe_names(), help="start from a preset recipe")
     train.add_argument("--out", help="the run directory to create")
-    for flag, (kind, text) in TRAIN_FLAGS.items():
-        train.add_argument("--" + flag.replace("_", "-"), type=kind, help=text)
-    train.add_argument("--skip-bad-rows", action="store_true",
-                       help="train on the good rows of a file that has bad ones (they are counted)")
+    _add_setting_flags(train)
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     train.add_argument("--background", action="store_true", help=argparse.SUPPRESS)
     train.add_argument("--vram-gb", type=float, help="check the memory plan against this much free "
@@ -195,24 +194,7 @@ def _new_run(args):
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise CliError(f"{out} already exists and is not empty: choose a new --out folder")
-    if args.config:
-        cfg, chosen = RunConfig.load(args.config), _settings_in(Path(args.config))
-    elif args.recipe:
-        cfg, chosen = load_recipe(args.recipe), _settings_in(PRESETS_DIR / "recipes" / f"{args.recipe}.yaml")
-    else:
-        cfg, chosen = RunConfig(), set()
-    for flag in TRAIN_FLAGS:
-        value = getattr(args, flag)
-        if value is not None:
-            setattr(cfg, FIELD_OF_FLAG.get(flag, flag), value)
-    if args.template is None and "template" not in chosen:
-        cfg.template = default_template(cfg.model)  # config.yaml records the name it resolved to
-    if args.skip_bad_rows:
-        cfg.skip_bad_rows = True
-    for name in ("data_path", "eval_data_path"):
-        value = getattr(cfg, name)
-        if value and not is_hub_id(value):  # a Hub dataset id is not a path to resolve
-            setattr(cfg, name, str(Path(value).expanduser().resolve()))
+    cfg = config_from_args(args)
     cfg.validate()
     _preflight(cfg, args.vram_gb)
     data = read_dataset(cfg.data_path, cfg.data_format, cfg.data_columns, keep=0)
@@ -223,6 +205,27 @@ def _new_run(args):
     cfg.save(run.config_path)
     run.write_status(state="queued", step=0, message="starting")
     return run
+
+
+def config_from_args(args) -> RunConfig:
+    """The new run's settings: --config, else --recipe, else the defaults; the flags given on top."""
+    if args.config:
+        cfg, chosen = RunConfig.load(args.config), _settings_in(Path(args.config))
+    elif args.recipe:
+        cfg, chosen = load_recipe(args.recipe), _settings_in(PRESETS_DIR / "recipes" / f"{args.recipe}.yaml")
+    else:
+        cfg, chosen = RunConfig(), set()
+    for setting in dataclasses.fields(RunConfig):
+        value = getattr(args, setting.name)
+        if value is not None:
+            setattr(cfg, setting.name, value)
+    if args.template is None and "template" not in chosen:
+        cfg.template = default_template(cfg.model)  # config.yaml records the name it resolved to
+    for name in ("data_path", "eval_data_path"):
+        value = getattr(cfg, name)
+        if value and not is_hub_id(value):  # a Hub dataset id is not a path to resolve
+            setattr(cfg, name, str(Path(value).expanduser().resolve()))
+    return cfg
 
 
 def _settings_in(path: Path) -> set[str]:

@@ -1,6 +1,7 @@
 """The run configuration: one typed dataclass; YAML is only how it is saved.
 
-Every field has one type, one default and a one-line reason. Recipes in presets/recipes/*.yaml
+Every field has one type, one default and a one-line reason (its help); the command line's
+`train` flags and the UI's form are built from the fields and their metadata (see `setting`). Recipes in presets/recipes/*.yaml
 are partial overrides of these defaults (data, not code paths).
 """
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from engine.formats import FORMATS
+from engine.templates import template_names
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
@@ -21,52 +23,95 @@ class ConfigError(ValueError):
     """A configuration a person wrote or chose is not usable; the message says what to change."""
 
 
+def setting(default, help: str, *, label: str = "", flag: str = "", advanced: bool = True,
+            ui: bool = True, choices: tuple = ()):
+    """A RunConfig field with what the CLI flag and the UI form are built from: help (the one line
+    of why), label (the form's), flag (when not the field's name), advanced (in the form's
+    Advanced section), ui (False: not a form setting) and choices (a fixed set of values)."""
+    return dataclasses.field(default=default, metadata={
+        "help": help, "label": label, "flag": flag, "advanced": advanced, "ui": ui, "choices": choices})
+
+
 @dataclass
 class RunConfig:
     # What to train on
-    model: str = "embedded"  # catalog id, Hub id, local folder, or "embedded" (offline SmolLM2-135M)
-    data_path: str = ""  # training file (.jsonl/.json/.csv/.parquet) or Hub dataset id; kept unchanged
-    eval_data_path: str = ""  # optional second file for eval loss; wins over eval_share
-    eval_share: float = 0.0  # share of rows held out for eval loss (0 = no eval split)
-    data_format: str = "auto"  # detected per file, or forced (engine.formats.FORMATS names one)
-    data_columns: str = ""  # csv/parquet column mapping, e.g. "prompt=question,completion=answer"
-    skip_bad_rows: bool = False  # train on the good rows of a file with bad ones (the count is logged)
-    template: str = "guanaco"  # prompt format: guanaco (the paper's), alpaca, or model (its chat template)
-    max_seq_len: int = 512  # longer rows are cut; the main lever on activation memory
+    model: str = setting("embedded", "catalog id, Hub id, local folder, or 'embedded' (offline "
+                         "SmolLM2-135M)", ui=False)  # the Hardware & model choice sets it
+    data_path: str = setting("", "training file (.jsonl/.json/.csv/.parquet) or Hub dataset id; kept "
+                             "unchanged", flag="data", ui=False)  # the uploaded or named data sets it
+    eval_data_path: str = setting("", "optional second file for eval loss; wins over eval_share",
+                                  label="Eval file (optional)", flag="eval-data")
+    eval_share: float = setting(0.0, "share of rows held out for eval loss (0 = no eval split)",
+                                label="Eval share")
+    data_format: str = setting("auto", "detected per file, or forced", label="Format",
+                               flag="format", choices=("auto", *FORMATS))
+    data_columns: str = setting("", "csv/parquet column mapping, e.g. \"prompt=question,completion=answer\"",
+                                label="Columns", flag="columns")
+    skip_bad_rows: bool = setting(False, "train on the good rows of a file with bad ones (the count is "
+                                  "logged)", label="Skip bad rows")
+    template: str = setting("guanaco", "prompt format: guanaco is the paper's, model the model's own chat "
+                            "template", label="Prompt format", choices=tuple(template_names()))
+    max_seq_len: int = setting(512, "longer rows are cut; the main lever on activation memory",
+                               label="Max sequence length (tokens)", advanced=False)
 
     # Schedule
-    epochs: float = 3.0  # passes over the data; ignored when max_steps > 0
-    max_steps: int = -1  # optimizer steps to run instead of epochs (-1 = use epochs)
-    lr: float = 2e-4  # the QLoRA paper's rate for models up to 13B
-    lr_scheduler: str = "constant"  # the paper found constant as good as cosine for QLoRA
-    warmup_ratio: float = 0.03  # the paper's warmup share
-    max_grad_norm: float = 0.3  # the paper's clipping; keeps 4-bit training stable
-    micro_batch_size: int = 1  # rows per forward pass; the other lever on activation memory
-    grad_accum_steps: int = 16  # micro-batches per optimizer step (effective batch = product)
-    group_by_length: bool = True  # batch similar lengths together: less padding, as in the paper
-    seed: int = 42  # same seed, same data order and same LoRA init
+    epochs: float = setting(3.0, "passes over the data; ignored when max_steps > 0", label="Epochs",
+                            advanced=False)
+    max_steps: int = setting(-1, "optimizer steps to run instead of epochs (-1 = use epochs)",
+                             label="Max steps (-1 = use epochs)")
+    lr: float = setting(2e-4, "the QLoRA paper's rate for models up to 13B", label="Learning rate",
+                        advanced=False)
+    lr_scheduler: str = setting("constant", "the paper found constant as good as cosine for QLoRA",
+                                label="LR schedule", choices=("constant", "cosine", "linear"))
+    warmup_ratio: float = setting(0.03, "the paper's warmup share", label="Warmup share of steps")
+    max_grad_norm: float = setting(0.3, "the paper's clipping; keeps 4-bit training stable",
+                                   label="Max gradient norm")
+    micro_batch_size: int = setting(1, "rows per forward pass; the other lever on activation memory",
+                                    label="Micro-batch size", flag="micro-batch", advanced=False)
+    grad_accum_steps: int = setting(16, "micro-batches per optimizer step (effective batch = product)",
+                                    label="Gradient accumulation steps", flag="grad-accum",
+                                    advanced=False)
+    group_by_length: bool = setting(True, "batch similar lengths together: less padding, as in the paper",
+                                    label="Group rows by length")
+    seed: int = setting(42, "same seed, same data order and same LoRA init", label="Seed")
 
     # LoRA
-    lora_r: int = 64  # adapter rank (the paper's default)
-    lora_alpha: int = 16  # scale is alpha / r (the paper's default)
-    lora_dropout: float = 0.1  # the paper's value up to 13B (0.05 from 33B up)
-    lora_target: str = "all-linear"  # the paper's finding: adapters on every linear layer matter
+    lora_r: int = setting(64, "adapter rank (the paper's default)", label="LoRA rank (r)",
+                          advanced=False)
+    lora_alpha: int = setting(16, "scale is alpha / r (the paper's default)",
+                              label="LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = setting(0.1, "the paper's value up to 13B (0.05 from 33B up)",
+                                  label="LoRA dropout")
+    lora_target: str = setting("all-linear", "the paper's finding: adapters on every linear layer matter",
+                               label="LoRA target modules")
 
     # Quantization and compute
-    quant_type: str = "nf4"  # 4-bit NormalFloat, the paper's data type (or fp4)
-    double_quant: bool = True  # quantize the quantization constants too: ~0.37 bits/param saved
-    compute_dtype: str = "auto"  # auto: bf16 on GPUs with native bf16, else fp16; CPU: the faster
-    gradient_checkpointing: bool = True  # recompute activations: far less memory, ~30% slower
-    optimizer: str = "auto"  # auto = paged_adamw_32bit on CUDA, adamw_torch on CPU
-    device: str = "auto"  # auto = cuda if available, else cpu
-    gpu: int = -1  # which GPU, as nvidia-smi numbers them (-1 = the most free memory at start)
-    trust_remote_code: bool = False  # never run a model repo's own code unless asked
+    quant_type: str = setting("nf4", "4-bit NormalFloat, the paper's data type (or fp4)",
+                              label="4-bit data type", choices=("nf4", "fp4"))
+    double_quant: bool = setting(True, "quantize the quantization constants too: ~0.37 bits/param saved",
+                                 label="Double quantization")
+    compute_dtype: str = setting("auto", "auto: bf16 on GPUs with native bf16, else fp16; CPU: the faster",
+                                 label="Compute dtype", choices=("auto", "bf16", "fp16", "fp32"))
+    gradient_checkpointing: bool = setting(True, "recompute activations: far less memory, ~30% slower",
+                                           label="Gradient checkpointing")
+    optimizer: str = setting("auto", "auto = paged_adamw_32bit on CUDA, adamw_torch on CPU",
+                             label="Optimizer")
+    device: str = setting("auto", "auto = cuda if available, else cpu", label="Device",
+                          choices=("auto", "cuda", "cpu"))
+    gpu: int = setting(-1, "which GPU, as nvidia-smi numbers them (-1 = the most free memory at start)",
+                       label="GPU")
+    trust_remote_code: bool = setting(False, "never run a model repo's own code unless asked",
+                                      ui=False)  # asked for at a terminal, never from a web form
 
     # Bookkeeping
-    logging_steps: int = 1  # log every optimizer step so the live chart moves
-    save_steps: int = 50  # checkpoint every N optimizer steps (resumable)
-    save_total_limit: int = 2  # keep the last few checkpoints only; they hold optimizer state
-    save_minutes: float = 10.0  # also checkpoint at least this often, so a crash loses little work
+    logging_steps: int = setting(1, "log every optimizer step so the live chart moves",
+                                 label="Log every N steps")
+    save_steps: int = setting(50, "checkpoint every N optimizer steps (resumable)",
+                              label="Checkpoint every N steps")
+    save_total_limit: int = setting(2, "keep the last few checkpoints only; they hold optimizer state",
+                                    label="Checkpoints kept")
+    save_minutes: float = setting(10.0, "also checkpoint at least this often, so a crash loses little "
+                                  "work", label="Checkpoint every N minutes")
 
     def validate(self) -> "RunConfig":
         problems = []
@@ -74,8 +119,8 @@ class RunConfig:
             problems.append("model is empty: pick a catalog model, a Hub id or a folder")
         if not self.data_path:
             problems.append("data_path is empty: upload or name a training file")
-        if self.template not in ("guanaco", "alpaca", "model"):
-            problems.append(f"template '{self.template}' is unknown: use guanaco, alpaca or model")
+        if self.template not in template_names():
+            problems.append(f"template '{self.template}' is unknown: use {', '.join(template_names())}")
         if self.max_seq_len < 16:
             problems.append(f"max_seq_len {self.max_seq_len} is too short: use at least 16")
         if self.epochs <= 0 and self.max_steps <= 0:

@@ -1,6 +1,7 @@
 """`python -m engine` as a person runs it: exit codes, JSON output, and one-line errors without a
 traceback. All commands start at once in one fixture, since each process pays the import time."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -106,3 +107,56 @@ def test_help(cli, name):
     assert result.rc == 0, result.err
     assert result.out.startswith("usage: python -m engine")
     assert result.err == ""
+
+
+# --- every RunConfig field is a `train` flag ---------------------------------------------------
+
+def other_value(setting):
+    """A value of the field's type that is not its default, and the flag words that give it."""
+    from engine.cli import flag_of
+
+    flag, default = flag_of(setting), setting.default
+    if setting.type == "bool":
+        return not default, [flag if not default else "--no-" + flag[2:]]
+    choices = setting.metadata["choices"]
+    if choices:
+        value = next(c for c in choices if c != default)
+    else:
+        value = {"str": lambda: "other", "int": lambda: default + 2,
+                 "float": lambda: default + 0.25}[setting.type]()
+    return value, [flag, str(value)]
+
+
+def test_every_setting_has_a_train_flag_that_sets_it(tmp_path):
+    from engine.cli import build_parser, config_from_args
+    from engine.config import RunConfig
+
+    for setting in dataclasses.fields(RunConfig):
+        value, words = other_value(setting)
+        # an explicit template keeps the default template's lookup of the model away from the Hub
+        template = [] if setting.name == "template" else ["--template", "guanaco"]
+        args = build_parser().parse_args(["train", "--out", str(tmp_path), *template, *words])
+        got = getattr(config_from_args(args), setting.name)
+        if setting.name in ("data_path", "eval_data_path"):  # local paths are made absolute
+            got = Path(got).name
+        assert got == value, (setting.name, words)
+        assert setting.metadata["help"], setting.name  # the flag's help is the field's one line
+
+
+def test_flags_apply_on_top_of_a_config_file_and_readme_flags_still_parse(tmp_path):
+    from engine.cli import build_parser, config_from_args
+    from engine.config import RunConfig
+
+    config = tmp_path / "run.yaml"
+    RunConfig(lora_r=8, double_quant=False, template="alpaca").save(config)
+    args = build_parser().parse_args(["train", "--config", str(config), "--out", str(tmp_path / "r"),
+                                      "--micro-batch", "2", "--grad-accum", "4", "--data", "x.jsonl",
+                                      "--double-quant"])
+    cfg = config_from_args(args)
+    assert (cfg.lora_r, cfg.template) == (8, "alpaca")  # the file's values stay
+    assert (cfg.micro_batch_size, cfg.grad_accum_steps, cfg.double_quant) == (2, 4, True)
+    args = build_parser().parse_args(["train", "--model", "embedded", "--data", "facts.jsonl",
+                                      "--out", "runs/facts", "--recipe", "quick-test"])
+    cfg = config_from_args(args)
+    assert cfg.model == "embedded" and Path(cfg.data_path).name == "facts.jsonl"
+    assert cfg.double_quant is True  # a flag not given leaves the recipe's value

@@ -1,6 +1,7 @@
 """The run configuration: YAML round trip, coercion of form strings, validation, recipes."""
 
 import dataclasses
+import inspect
 
 import pytest
 
@@ -182,3 +183,54 @@ def test_quick_test_recipe_is_for_the_embedded_model_on_cpu():
     cfg = load_recipe("quick-test", data_path="x.jsonl")
     assert cfg.model == "embedded"
     assert cfg.lr == 1e-3
+
+
+# --- the UI form is built from RunConfig's fields ------------------------------------------------
+
+def test_every_field_says_why_and_every_form_field_has_a_label():
+    for f in dataclasses.fields(RunConfig):
+        assert f.metadata["help"], f.name
+        assert f.metadata["label"] or not f.metadata["ui"], f.name
+
+
+def test_every_form_setting_has_an_input_of_its_kind_in_the_start_call(data_dir):
+    import gradio as gr
+
+    from app.main import build_ui
+
+    start = next(fn for fn in build_ui().fns.values() if fn.api_name == "start_training")
+    inputs = dict(zip(inspect.signature(start.fn).parameters, start.inputs))
+    kinds = {"bool": gr.Checkbox, "int": (gr.Number, gr.Slider, gr.Dropdown),
+             "float": (gr.Number, gr.Slider), "str": (gr.Textbox, gr.Dropdown, gr.State)}
+    for f in dataclasses.fields(RunConfig):
+        if f.metadata["ui"]:
+            assert isinstance(inputs[f.name], kinds[f.type]), f.name
+            if f.metadata["choices"]:
+                assert isinstance(inputs[f.name], gr.Dropdown), f.name
+
+
+def test_every_form_value_reaches_the_run_config(data_dir, monkeypatch):
+    from app import train_tab
+    from engine.runner import RunnerError
+
+    started = []
+
+    def start_run(cfg, name):  # keep the config; start no process
+        started.append(cfg)
+        raise RunnerError("not started")
+
+    monkeypatch.setattr(train_tab, "memory_refusal", lambda cfg: None)
+    monkeypatch.setattr(train_tab, "start_run", start_run)
+    changed = {}
+    for name in train_tab.VALUES:  # a value unlike the recipe's for every form setting
+        f = train_tab.SETTINGS[name]
+        default = getattr(load_recipe("default"), name)
+        if f.metadata["choices"]:
+            changed[name] = next(c for c in f.metadata["choices"] if c != default)
+        else:
+            changed[name] = {"bool": lambda: not default, "str": lambda: "other",
+                             "int": lambda: default + 2, "float": lambda: default / 2}[f.type]()
+    train_tab.start("default", "embedded", "", "train.jsonl", "alpaca", *changed.values())
+    cfg = started[0]
+    assert {name: getattr(cfg, name) for name in changed} == changed
+    assert (cfg.model, cfg.data_path, cfg.template) == ("embedded", "train.jsonl", "alpaca")
