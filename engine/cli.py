@@ -163,12 +163,27 @@ def cmd_train(args) -> int:
     from engine.train import run_training  # after pinning: torch must not see the other GPUs
 
     _setup_logging(run, args.background)
+    _share_the_cpu(run)
     state = run_training(str(run.path), resume=args.resume)
     status = run.read_status()
     print(f"{state}: {status.get('message', '')} ({run.path})", file=sys.stderr)
     if state == "retrying":  # out of GPU memory: a new background process goes on with the run
         print(f"the run goes on in the background; follow it in {run.log_path}", file=sys.stderr)
     return 0 if state in ("finished", "stopped", "retrying") else 1
+
+
+def _share_the_cpu(run) -> None:
+    """A CPU run computes with one thread per core that is idle as it starts (set here, for this
+    process alone: tests that train inside their own process keep their threads)."""
+    import torch
+
+    from engine.models import cpu_threads
+
+    if RunConfig.load(run.config_path).device != "cpu" and torch.cuda.is_available():
+        return  # a GPU run: the CPU only feeds it
+    threads, why = cpu_threads()
+    torch.set_num_threads(threads)
+    logging.getLogger("engine.train").info("computing with %s", why)
 
 
 def _pin_gpu(run) -> None:

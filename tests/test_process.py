@@ -29,6 +29,7 @@ def test_stop_saves_adapter_and_the_queued_run_starts_by_itself(data_dir, facts_
     # the compute dtype chosen for this machine, and why, in the status and in train.log
     assert status["compute_dtype"] in ("bfloat16", "float32") and status["compute_why"]
     assert f"compute {status['compute_why']}" in run.log_path.read_text()
+    assert "computing with " in run.log_path.read_text()  # the CPU threads it chose, and why
     assert (run.adapter_dir / "adapter_model.safetensors").is_file()
     assert (run.adapter_dir / "prompt_template.json").is_file()
     assert run.latest_checkpoint() is not None  # resumable, although save_steps was never reached
