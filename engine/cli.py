@@ -189,10 +189,9 @@ def _share_the_cpu(run) -> None:
 def _pin_gpu(run) -> None:
     """Show this process only the run's GPU, before torch starts CUDA: with several visible,
     transformers' Trainer would split every micro-batch over all of them (DataParallel)."""
-    from engine.hardware import pin_env, run_gpu
+    from engine.hardware import pin_env, run_gpu, visible_indices
 
-    chosen = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if chosen is not None and not chosen.replace(",", "").replace(" ", "").isdigit():
+    if "CUDA_VISIBLE_DEVICES" in os.environ and not visible_indices():
         return  # GPU UUIDs, MIG names, or "" (no GPU): the person chose, and we cannot narrow it
     cfg = RunConfig.load(run.config_path)
     gpu = None if cfg.device == "cpu" else run_gpu(cfg.gpu)  # within CUDA_VISIBLE_DEVICES, if set

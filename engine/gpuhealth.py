@@ -9,13 +9,12 @@ read_health and puts into words with health_summary. A CPU run samples nothing a
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from pathlib import Path
 from typing import Callable
 
-from engine.hardware import GIB
+from engine.hardware import GIB, visible_indices
 from engine.rundir import RunDir, append_line, read_lines
 
 log = logging.getLogger("engine.train")
@@ -44,9 +43,9 @@ def gpu_index(run: RunDir, device: str) -> int | None:
     index in status.json's gpu field."""
     if device != "cuda":
         return None
-    first = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
-    if first.isdigit():
-        return int(first)
+    pinned = visible_indices()
+    if pinned:
+        return pinned[0]
     status = run.read_status()
     if isinstance(status.get("gpu"), int):
         return status["gpu"]

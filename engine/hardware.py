@@ -164,16 +164,24 @@ def _cpu_name() -> str:
 # Indices are NVML's, which are nvidia-smi's (PCI bus order). CUDA numbers "fastest first" unless
 # CUDA_DEVICE_ORDER=PCI_BUS_ID, so every process we pin gets that too.
 
-def visible_gpus(gpus: list[Gpu]) -> list[Gpu]:
-    """The GPUs this process may use: a CUDA_VISIBLE_DEVICES the person set narrows the list
-    (read as nvidia-smi indices); without it, all of them."""
+def visible_indices() -> list[int] | None:
+    """CUDA_VISIBLE_DEVICES as nvidia-smi indices ([] when set empty: no GPU); None when it is
+    unset, or names GPU UUIDs or MIG instances, which we cannot map to indices."""
     value = os.environ.get("CUDA_VISIBLE_DEVICES")
     if value is None:
-        return gpus
+        return None
     try:
-        wanted = [int(part) for part in value.split(",") if part.strip()]
+        return [int(part) for part in value.split(",") if part.strip()]
     except ValueError:
-        return gpus  # GPU UUIDs or MIG names: we cannot map them to indices, so we do not narrow
+        return None
+
+
+def visible_gpus(gpus: list[Gpu]) -> list[Gpu]:
+    """The GPUs this process may use: a CUDA_VISIBLE_DEVICES the person set narrows the list
+    (read as nvidia-smi indices); without it, or with names we cannot map, all of them."""
+    wanted = visible_indices()
+    if wanted is None:
+        return gpus
     by_index = {gpu.index: gpu for gpu in gpus}
     return [by_index[index] for index in wanted if index in by_index]
 
@@ -209,9 +217,5 @@ def pin_env(gpu: Gpu) -> dict[str, str]:
 def cuda_index(gpu: Gpu) -> int:
     """The number torch gives `gpu` in this process (CUDA_DEVICE_ORDER=PCI_BUS_ID must be set
     before CUDA starts): its place in CUDA_VISIBLE_DEVICES, or its own index without that."""
-    value = os.environ.get("CUDA_VISIBLE_DEVICES")
-    try:
-        wanted = [int(part) for part in (value or "").split(",") if part.strip()]
-    except ValueError:
-        wanted = []
+    wanted = visible_indices() or []
     return wanted.index(gpu.index) if gpu.index in wanted else gpu.index
