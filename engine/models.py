@@ -61,9 +61,14 @@ def resolve_model(name: str) -> str:
     )
 
 
+def _hub_entry(source: str) -> catalog.CatalogModel | None:
+    """The catalog entry of a Hub id (a local folder has none)."""
+    return None if Path(source).is_dir() else catalog.find(source)
+
+
 def hub_revision(source: str) -> str | None:
     """The revision to fetch a Hub model at: the catalog's where it names one, else the default."""
-    entry = None if Path(source).is_dir() else catalog.find(source)
+    entry = _hub_entry(source)
     return entry.revision if entry else None
 
 
@@ -136,7 +141,7 @@ def _fetch(source: str, revision: str | None, patterns: list[str], progress,
 
 def _pickle_entry(source: str) -> catalog.CatalogModel | None:
     """The catalog entry of a Hub id whose weights we convert from pickle, else None."""
-    entry = None if Path(source).is_dir() else catalog.find(source)
+    entry = _hub_entry(source)
     return entry if entry and entry.weights_format == "pickle" else None
 
 
@@ -379,8 +384,6 @@ def cpu_threads(sample_s: float = 0.5) -> tuple[int, str]:
 def _matmul_seconds(dtype) -> float:
     """The fastest of a few LoRA-sized matmuls (256 tokens, SmolLM2's MLP width): about 50 ms in
     all where bf16 is native, and the minimum keeps a noisy neighbour out of the comparison."""
-    import time
-
     import torch
 
     x, w = torch.randn(256, 576).to(dtype), torch.randn(1536, 576).to(dtype)
