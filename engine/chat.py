@@ -7,7 +7,6 @@ from the run's adapter folder, so chat sees exactly the format the run trained w
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import os
 import sys
@@ -20,6 +19,7 @@ from engine.hardware import GIB, Gpu, cuda_index, pick_gpu, visible_gpus
 from engine.models import (
     ModelError,
     compute_dtype,
+    free_memory,
     load_quantized_model,
     load_tokenizer,
     pick_device,
@@ -174,10 +174,7 @@ def unload_shared() -> str | None:
             return None
         label = model.label
         del model
-        gc.collect()
-        torch = sys.modules.get("torch")
-        if torch is not None and torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
         return label
 
 

@@ -316,6 +316,21 @@ def ensure_embedded() -> Path:
     return target
 
 
+def free_memory() -> None:
+    """Drop what is no longer referenced and hand PyTorch's cached GPU memory back to the driver,
+    so another process (a run, a chat model) can have it; never imports torch to do so."""
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        try:
+            torch.cuda.empty_cache()
+        except RuntimeError as exc:  # a CUDA context broken by an earlier error; exiting frees it
+            log.warning("could not free GPU memory: %s", exc)
+
+
 def pick_device(requested: str = "auto") -> str:
     import torch
 

@@ -39,6 +39,7 @@ from engine.models import (
     compute_dtype,
     download,
     download_status,
+    free_memory,
     load_quantized_model,
     load_tokenizer,
     pick_device,
@@ -105,7 +106,7 @@ def _train_with_retries(run: RunDir, resume: bool) -> str:
         in_step = isinstance(exc, OutOfMemoryInStep)
     # Go on outside the except block: the exception's frames hold the failed attempt's tensors,
     # and the free memory the message reports must not count them.
-    _free_memory()
+    free_memory()
     if not in_step:  # while loading: the model itself does not fit, whatever the micro-batch
         return _fail(run, model_too_big_message(cfg))
     return _hand_to_new_process(run, cfg)
@@ -431,7 +432,7 @@ def _fail(run: RunDir, message: str) -> str:
 def _hand_over_gpu(run: RunDir, to_successor: bool = False) -> None:
     """Free this process's GPU memory, then start the next queued run, if this run is in the queue's
     runs folder; not when the run goes on in a successor process, which holds the GPU next."""
-    _free_memory()
+    free_memory()
     if to_successor:
         return
     try:
@@ -444,16 +445,3 @@ def _hand_over_gpu(run: RunDir, to_successor: bool = False) -> None:
                 log.info("started the next queued run: %s", started.name)
     except Exception as exc:  # noqa: BLE001 - this run is over; the UI can still start the queue
         log.warning("could not start the next queued run: %s", exc)
-
-
-def _free_memory() -> None:
-    import gc
-    import sys
-
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        try:
-            torch.cuda.empty_cache()
-        except RuntimeError as exc:  # a CUDA context broken by the error; exiting frees it all
-            log.warning("could not free GPU memory: %s", exc)
