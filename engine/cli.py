@@ -156,14 +156,14 @@ def cmd_train(args) -> int:
             _preflight(RunConfig.load(run.config_path), args.vram_gb)
     else:
         run = _new_run(args)
+    cfg = RunConfig.load(run.config_path)
     if not args.background:
         run.stop_path.unlink(missing_ok=True)  # an old stop request is not meant for this session
-    if not args.background:  # the runner pinned the runs it spawns
-        _pin_gpu(run)
+        _pin_gpu(run, cfg)  # the runner pinned the runs it spawns
     from engine.train import run_training  # after pinning: torch must not see the other GPUs
 
     _setup_logging(run, args.background)
-    _share_the_cpu(run)
+    _share_the_cpu(cfg)
     state = run_training(str(run.path), resume=args.resume)
     status = run.read_status()
     print(f"{state}: {status.get('message', '')} ({run.path})", file=sys.stderr)
@@ -172,28 +172,27 @@ def cmd_train(args) -> int:
     return 0 if state in ("finished", "stopped", "retrying") else 1
 
 
-def _share_the_cpu(run) -> None:
+def _share_the_cpu(cfg: RunConfig) -> None:
     """A CPU run computes with one thread per core that is idle as it starts (set here, for this
     process alone: tests that train inside their own process keep their threads)."""
     import torch
 
     from engine.models import cpu_threads
 
-    if RunConfig.load(run.config_path).device != "cpu" and torch.cuda.is_available():
+    if cfg.device != "cpu" and torch.cuda.is_available():
         return  # a GPU run: the CPU only feeds it
     threads, why = cpu_threads()
     torch.set_num_threads(threads)
     logging.getLogger("engine.train").info("computing with %s", why)
 
 
-def _pin_gpu(run) -> None:
+def _pin_gpu(run, cfg: RunConfig) -> None:
     """Show this process only the run's GPU, before torch starts CUDA: with several visible,
     transformers' Trainer would split every micro-batch over all of them (DataParallel)."""
     from engine.hardware import pin_env, run_gpu, visible_indices
 
     if "CUDA_VISIBLE_DEVICES" in os.environ and not visible_indices():
         return  # GPU UUIDs, MIG names, or "" (no GPU): the person chose, and we cannot narrow it
-    cfg = RunConfig.load(run.config_path)
     gpu = None if cfg.device == "cpu" else run_gpu(cfg.gpu)  # within CUDA_VISIBLE_DEVICES, if set
     if gpu is not None:
         os.environ.update(pin_env(gpu))

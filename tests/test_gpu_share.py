@@ -118,13 +118,14 @@ def test_a_hand_started_training_process_pins_itself(tmp_path, gpus):
 
     run = RunDir(tmp_path / "run")
     run.path.mkdir()
-    config(tmp_path).save(run.config_path)
-    _pin_gpu(run)
+    cfg = config(tmp_path)
+    cfg.save(run.config_path)
+    _pin_gpu(run, cfg)
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
     assert os.environ["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     assert run.read_status()["gpu"] == 1
     os.environ["CUDA_VISIBLE_DEVICES"] = "0,2"  # the person's own choice narrows, we pick within
-    _pin_gpu(run)
+    _pin_gpu(run, cfg)
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "2"
 
 
