@@ -38,7 +38,6 @@ class Progress:
         self.count = 0
         self.started = clock()
         self.last_write = float("-inf")
-        self.writes = 0
         self._write()  # the wait shows at once: "...: 0 of 30,000 rows"
 
     def message(self) -> str:
@@ -79,7 +78,6 @@ class Progress:
 
     def _write(self) -> None:
         self.last_write = self.clock()
-        self.writes += 1
         if self.run is not None:
             self.run.write_status(message=self.message(), progress_what=self.what,
                                   progress_done=self.count, progress_total=self.total,
