@@ -13,6 +13,7 @@ from app.hardware_tab import selected_model
 from engine import planner
 from engine.catalog import CatalogError
 from engine.config import ConfigError, RunConfig, load_recipe, recipe_description, recipe_names
+from engine.gpuhealth import health_summary, read_health
 from engine.hardware import detect_gpus, visible_gpus
 from engine.rundir import LIVE_STATES, RunDir
 from engine.runner import (RunnerError, active_run, get_run, list_runs, queued_runs, resume_run,
@@ -170,12 +171,7 @@ def run_view(run: RunDir, log_scale=False) -> list:
 
 
 def gpu_health(run: RunDir) -> tuple[list[dict], str]:
-    """The GPU's health samples and their summary in words; nothing on a CPU run. Imported here,
-    guarded: the sampler is an optional part, and the live view must work without it."""
-    try:
-        from engine.gpuhealth import health_summary, read_health
-    except ImportError:
-        return [], ""
+    """The GPU's health samples and their summary in words; nothing on a CPU run."""
     records = read_health(run)
     return records, health_summary(records) if records else ""
 
