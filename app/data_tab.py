@@ -8,8 +8,10 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from app.errors import EXPECTED, in_words
 from app.hardware_tab import selected_model
 from engine.catalog import default_template
+from engine.config import RunConfig
 from engine.data import FORMATS, DataReport, read_dataset
 from engine.datastats import StatsCollector
 from engine.paths import uploads_dir
@@ -19,6 +21,7 @@ from engine.templates import TemplateError, template_choices
 
 FORMAT_CHOICES = [("Detect automatically", "auto")] + [(f"{k}: {v}", k) for k, v in FORMATS.items()]
 PREVIEW_ROWS = 3
+DEFAULT_MAX_SEQ_LEN = RunConfig.max_seq_len  # until the Train tab sets its recipe's
 MAX_LISTED = 20
 HINT = f"Upload a {', '.join(SUFFIXES)} file, or name a Hugging Face dataset."
 # Plots start as None, not an empty frame: after an empty frame Gradio draws no later data.
@@ -31,17 +34,24 @@ def check_data(file, hub_id, fmt, columns, template, max_seq_len, skip_bad_rows,
     hub_id = (hub_id or "").strip()
     if not file and not hub_id:
         return "", HINT, [], "", None, {}
+    try:
+        return _check(file, hub_id, fmt, columns, template, max_seq_len, skip_bad_rows,
+                      selected_model(model_choice, custom_model), progress)
+    except UploadError as exc:
+        return "", f"❌ {exc}", [], "", None, {}
+    except EXPECTED as exc:  # a full disk while storing the upload, an unreadable file, ...
+        return "", in_words(exc), [], "", None, {}
+
+
+def _check(file, hub_id, fmt, columns, template, max_seq_len, skip_bad_rows, model, progress):
     if file:
         shown = Path(file).name  # only ever shown, never joined into a path
-        try:
-            source = str(store_upload(file, uploads_dir()))
-        except UploadError as exc:
-            return "", f"❌ {exc}", [], "", None, {}
+        source = str(store_upload(file, uploads_dir()))
     else:
         shown = source = hub_id
-    max_seq_len = int(max_seq_len or 512)
+    max_seq_len = max(int(max_seq_len or DEFAULT_MAX_SEQ_LEN), 1)
     try:
-        chosen, tokenizer, note = preview_template(selected_model(model_choice, custom_model), template)
+        chosen, tokenizer, note = preview_template(model, template)
     except TemplateError as exc:
         chosen, tokenizer, note = None, None, f"⚠️ Preview unavailable: {exc}"
     collector = StatsCollector(tokenizer, chosen, max_seq_len) if tokenizer is not None else None
@@ -68,8 +78,12 @@ def check_data(file, hub_id, fmt, columns, template, max_seq_len, skip_bad_rows,
 
 def template_for(model_choice, custom_model) -> str:
     """The prompt format the chosen model trains with unless changed: its catalog entry's, or for
-    another model "model" when it ships a chat template, else guanaco."""
-    return default_template(selected_model(model_choice, custom_model))
+    another model "model" when it ships a chat template, else guanaco. The format stays as it is
+    when the catalog cannot be read (the preview then says what is wrong)."""
+    try:
+        return default_template(selected_model(model_choice, custom_model))
+    except EXPECTED:
+        return gr.skip()
 
 
 def describe(report: DataReport, shown: str, skip_bad_rows: bool) -> str:
@@ -127,9 +141,11 @@ def check_eval(file, fmt, columns):
         return "", ""
     try:
         source = store_upload(file, uploads_dir())
+        report = read_dataset(source, fmt, columns or "", keep=0)
     except UploadError as exc:
         return "", f"❌ {exc}"
-    report = read_dataset(source, fmt, columns or "", keep=0)
+    except EXPECTED as exc:
+        return "", in_words(exc)
     shown = Path(file).name
     if not report.ok:
         return "", describe(report, shown, False) + "\n\nThe eval file must be clean."
@@ -150,8 +166,9 @@ def build(hardware: dict) -> dict:
         template = gr.Dropdown(choices=template_choices(), label="Prompt format",
                                elem_id="template-choice",
                                value=template_for(hardware["model"].value, hardware["custom_model"].value))
-        max_seq_len = gr.Number(value=512, precision=0, label="Max sequence length (tokens)",
-                                elem_id="data-max-seq-len")
+        # The Train tab keeps this and its own max_seq_len field the same (train_tab.build).
+        max_seq_len = gr.Number(value=DEFAULT_MAX_SEQ_LEN, precision=0, elem_id="data-max-seq-len",
+                                label="Max sequence length (tokens)")
         skip = gr.Checkbox(value=False, label="Skip bad rows (train on the good ones)",
                            elem_id="skip-bad-rows")
     summary = gr.Markdown(HINT, elem_id="data-summary")
@@ -186,8 +203,9 @@ def build(hardware: dict) -> dict:
     hardware["model"].change(template_for, models, template, api_name=False)
     for event in (hardware["custom_model"].submit, hardware["custom_model"].blur):
         event(template_for, models, template, api_name=False)
-    for control in (columns, max_seq_len):
-        control.submit(check_data, inputs, outputs, api_name=False)
+    columns.submit(check_data, inputs, outputs, api_name=False)
+    # Typed here or set from the Train tab (its field, its recipe): the statistics follow.
+    max_seq_len.change(check_data, inputs, outputs, api_name=False, show_progress="minimal")
     eval_upload.upload(check_eval, [eval_upload, fmt, columns], [eval_path, eval_message],
                        api_name="check_eval")
     eval_upload.clear(check_eval, [eval_upload, fmt, columns], [eval_path, eval_message],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from app.errors import EXPECTED, in_words
 from engine import catalog, planner
 from engine.hardware import cpu_dtype_note, detect
 from engine.paths import data_dir
@@ -44,7 +45,10 @@ def download_note(model) -> str:
 
 
 def hardware_markdown() -> str:
-    found = detect(data_dir())
+    try:
+        found = detect(data_dir())
+    except EXPECTED as exc:  # e.g. the data folder's disk cannot be measured
+        return f"### This machine\n- {in_words(exc)}"
     lines = ["### This machine"]
     if found.has_gpu:
         for gpu in found.gpus:
@@ -89,9 +93,23 @@ def build() -> dict:
     model = gr.Dropdown(choices=choices, value=default, label="Base model", elem_id="model-choice")
     custom = gr.Textbox(label="Or a Hugging Face Hub id or a local model folder (overrides the list)",
                         placeholder="e.g. EleutherAI/gpt-j-6b or /models/my-llama", elem_id="custom-model")
-    refresh.click(lambda: (hardware_markdown(), recommendation_markdown(*ranked_models())),
-                  outputs=[info, ranked], api_name=False)
+    refresh.click(refreshed, model, [info, ranked, model], api_name=False)
     return {"model": model, "custom_model": custom}
+
+
+def refreshed(current: str | None):
+    """The machine, the recommendations and the model list read again (free memory changes as
+    other programs come and go). The list's choices and value change together: the chosen model
+    stays chosen, as every catalog model is listed whether it fits or not."""
+    info = hardware_markdown()
+    try:
+        free, picks = ranked_models()
+        choices, default = model_choices(free, picks)
+    except EXPECTED as exc:
+        return info, in_words(exc), gr.skip()
+    values = [value for _, value in choices]
+    return (info, recommendation_markdown(free, picks),
+            gr.update(choices=choices, value=current if current in values else default))
 
 
 def selected_model(choice: str, custom: str) -> str:

@@ -13,11 +13,11 @@ import html
 import gradio as gr
 import pandas as pd
 
-from app.train_tab import duration
+from app.errors import EXPECTED, in_words, sentence
+from app.train_tab import chooser, duration
 from engine import compare
 from engine.config import ConfigError, RunConfig
 from engine.runner import (
-    RunnerError,
     cancel_queued,
     delete_run,
     get_run,
@@ -55,8 +55,11 @@ def default_compared() -> list[str]:
 
 def overlay(chosen: list[str] | None, raw: bool = False):
     """The chosen runs' training loss, smoothed (raw too if asked), one colour per run."""
-    runs, _ = compare.find_runs(chosen or [])  # the config table says which runs are gone
-    rows = compare.overlay_rows(runs, raw=bool(raw))
+    try:
+        runs, _ = compare.find_runs(chosen or [])  # the config table says which runs are gone
+        rows = compare.overlay_rows(runs, raw=bool(raw))
+    except EXPECTED:  # unreadable metrics: the chart stays as it is; the table says what is wrong
+        return gr.skip()
     # None, not an empty frame: after an empty frame Gradio's plot draws no later data.
     # The legend is named explicitly: left to itself it keeps listing curves no longer drawn.
     return gr.update(value=pd.DataFrame(rows) if rows else None,
@@ -66,13 +69,23 @@ def overlay(chosen: list[str] | None, raw: bool = False):
 
 def drop_gone(chosen: list[str] | None):
     """The chosen runs that still exist; no update (so no redraw) when none has gone."""
-    kept = [run.name for run in compare.find_runs(chosen or [])[0]]
+    try:
+        kept = [run.name for run in compare.find_runs(chosen or [])[0]]
+    except EXPECTED:
+        return gr.skip()
     return kept if kept != (chosen or []) else gr.skip()
 
 
 def configs_html(chosen: list[str] | None) -> str:
     """The chosen runs' settings, one column per run: those that differ first and highlighted,
     those all runs share folded away below."""
+    try:
+        return _configs_html(chosen)
+    except EXPECTED as exc:
+        return f"<p>{html.escape(in_words(exc), quote=False)}</p>"
+
+
+def _configs_html(chosen: list[str] | None) -> str:
     runs, notes = compare.find_runs(chosen or [])
     configs, more = compare.load_configs(runs)
     notes += more
@@ -120,9 +133,9 @@ def export_csv(name: str | None):
     try:
         run = get_run(name)
         path = compare.export_metrics_csv(run)
-    except (RunnerError, OSError) as exc:
-        return None, f"⚠️ Cannot export run {name}: {exc}"
-    count = len(run.read_metrics())
+        count = len(run.read_metrics())
+    except EXPECTED as exc:
+        return None, f"⚠️ Cannot export run {name}. {sentence(exc)}"
     if not count:
         return str(path), f"Run {name} has logged no metrics yet: the CSV holds only the header."
     return str(path), f"{count} logged step(s) of run {name}, one row each."
@@ -143,33 +156,45 @@ def ask_delete(name: str):
         "This cannot be undone."
 
 
-def confirm_delete(name: str):
+def confirm_delete(name: str, queued: str | None = None, csv_choice: str | None = None):
+    """Delete the run, then every view read again (the deleted run leaves each chooser)."""
     try:
         message = delete_run(get_run(name))
-    except RunnerError as exc:
-        message = f"⚠️ {exc}"
-    return (gr.update(visible=False), message) + refresh()
+    except EXPECTED as exc:
+        message = in_words(exc)
+    return (gr.update(visible=False), message) + refresh(name, queued, csv_choice)
 
 
 def queue_action(name: str, action: str) -> str:
     try:
         run = get_run(name)
-    except RunnerError as exc:
-        return f"⚠️ {exc}"
-    if action == "cancel":
-        return cancel_queued(run)
-    return move_queued(run, -1 if action == "up" else 1)
+        if action == "cancel":
+            return cancel_queued(run)
+        return move_queued(run, -1 if action == "up" else 1)
+    except EXPECTED as exc:
+        return in_words(exc)
 
 
-def refresh():
-    # A run killed while others waited leaves the queue stuck; whoever looks first moves it on.
-    start_next()
-    runs, metrics = _snapshot()
-    queued = [run.name for run in queued_runs()]
+def refresh(victim: str | None = None, queued: str | None = None, csv_choice: str | None = None):
+    """The views, read again: the table, the queue, and each run chooser's choices together with
+    its value. What a person chose stays chosen while it exists; a run gone meanwhile (deleted
+    here, in another window or by the command line; for the queue, started) is cleared from
+    its chooser. The compared runs are kept as chosen: drop_gone runs after each refresh."""
+    note = ""
+    try:
+        # A run killed while others waited leaves the queue stuck; whoever looks first moves it on.
+        start_next()
+    except EXPECTED as exc:
+        note = f"\n\nThe next queued run could not start: {in_words(exc)}"
+    try:
+        runs, metrics = _snapshot()
+        waiting = [run.name for run in queued_runs()]
+        queue_view = queue_markdown() + note
+    except EXPECTED as exc:
+        return (gr.skip(), in_words(exc)) + (gr.skip(),) * 4
     names = [run.name for run in runs]
-    # Choices only: what each person chose stays chosen (a gone run is dropped when used).
-    return (runs_table(runs, metrics), queue_markdown(), gr.update(choices=names),
-            gr.update(choices=queued), gr.update(choices=names), gr.update(choices=names))
+    return (runs_table(runs, metrics), queue_view, chooser(names, victim),
+            chooser(waiting, queued), gr.update(choices=names), chooser(names, csv_choice))
 
 
 def _snapshot() -> tuple[list, dict[str, list[dict]]]:
@@ -235,15 +260,16 @@ def build() -> dict:
     export.click(export_csv, csv_choice, [csv_file, message], api_name="export_metrics_csv")
     delete.click(ask_delete, victim, [confirm_row, message], api_name=False)
     keep.click(lambda: (gr.update(visible=False), "Kept."), None, [confirm_row, message], api_name=False)
+    choosers = [victim, queued, csv_choice]  # refresh's inputs: each keeps its value if it can
     for button, action in ((up, "up"), (down, "down"), (cancel, "cancel")):
         button.click(lambda name, a=action: queue_action(name, a), queued, message,
-                     api_name=False).then(refresh, None, views, api_name=False)
+                     api_name=False).then(refresh, choosers, views, api_name=False)
     # After each refresh: a run deleted meanwhile (here or in another tab) leaves the comparison
     # (its change event redraws the chart and the table), and the chart gains the latest steps.
-    for event in (confirm.click(confirm_delete, victim, [confirm_row, message] + views,
+    for event in (confirm.click(confirm_delete, choosers, [confirm_row, message] + views,
                                 api_name=False),
-                  refresh_button.click(refresh, None, views, api_name=False),
-                  timer.tick(refresh, None, views, api_name=False, show_progress="hidden")):
+                  refresh_button.click(refresh, choosers, views, api_name=False),
+                  timer.tick(refresh, choosers, views, api_name=False, show_progress="hidden")):
         event.then(drop_gone, chosen, chosen, api_name=False, show_progress="hidden").then(
             overlay, [chosen, raw], chart, api_name=False, show_progress="hidden")
     return {"refresh": refresh, "views": views}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import inspect
 import time
 from dataclasses import fields
@@ -9,15 +10,15 @@ from dataclasses import fields
 import gradio as gr
 
 from app import charts
+from app.errors import EXPECTED, in_words, sentence
 from app.hardware_tab import selected_model
 from engine import planner
-from engine.catalog import CatalogError
 from engine.config import ConfigError, RunConfig, load_recipe, recipe_description, recipe_names
 from engine.gpuhealth import health_summary, read_health
 from engine.hardware import detect_gpus, visible_gpus
 from engine.rundir import LIVE_STATES, RunDir
-from engine.runner import (RunnerError, active_run, get_run, list_runs, queued_runs, resume_run,
-                           start_run, stop_run)
+from engine.runner import (active_run, get_run, list_runs, queued_runs, resume_run, start_run,
+                           stop_run)
 
 SETTINGS = {setting.name: setting for setting in fields(RunConfig)}
 # Form settings whose inputs are built elsewhere: in the Data tab (its config_inputs, and the
@@ -58,8 +59,13 @@ def _component(field: str, label: str, kind: str, value):
 
 
 def recipe_values(recipe: str) -> list:
-    cfg = load_recipe(recipe)
-    return [recipe_description(recipe)] + [getattr(cfg, field) for field, *_ in FIELDS]
+    """The recipe's description and its value of every form setting; a recipe that cannot be
+    read leaves the form as it is and says why."""
+    try:
+        cfg = load_recipe(recipe)
+        return [recipe_description(recipe)] + [getattr(cfg, field) for field, *_ in FIELDS]
+    except EXPECTED as exc:
+        return [in_words(exc)] + [gr.skip()] * len(FIELDS)
 
 
 def start(recipe, model_choice, custom_model, data_path, template, *values):
@@ -74,9 +80,9 @@ def start(recipe, model_choice, custom_model, data_path, template, *values):
         if refusal:
             return gr.update(), f"⚠️ {refusal}"
         run = start_run(cfg, name=cfg.model.split("/")[-1])
-    except (ConfigError, RunnerError) as exc:
-        return gr.update(), f"⚠️ {exc}"
-    return gr.update(choices=run_choices(), value=run.name), started_message(run)
+        return gr.update(choices=run_choices(), value=run.name), started_message(run)
+    except EXPECTED as exc:
+        return gr.update(), in_words(exc)
 
 
 # The settings start takes after its named parameters; the API names each by its field.
@@ -101,8 +107,8 @@ def _on_run(run_name, action) -> str:
         return "No run selected."
     try:
         return action(get_run(run_name))
-    except RunnerError as exc:
-        return f"⚠️ {exc}"
+    except EXPECTED as exc:
+        return in_words(exc)
 
 
 def started_message(run) -> str:
@@ -133,7 +139,29 @@ def default_run() -> str | None:
 
 
 def on_load():
-    return gr.update(choices=run_choices(), value=default_run())
+    """The run picker of a page just opened: every run, the running (else newest) one chosen."""
+    try:
+        return gr.update(choices=run_choices(), value=default_run())
+    except EXPECTED:
+        return gr.skip()  # the live view says what is wrong when it reads the runs
+
+
+def run_picker(current: str | None = None):
+    """The run picker's choices read again (as its list opens), with its value: see chooser."""
+    try:
+        return chooser(run_choices(), current)
+    except EXPECTED:
+        return gr.skip()  # the live view says what is wrong when it reads the runs
+
+
+def chooser(names: list[str], current: str | None):
+    """New choices for a run chooser, and its value only where it has left them: a run deleted
+    meanwhile (in the Runs tab, another window, the command line) is cleared, so no chooser holds
+    a name missing from its choices. A value still there is not sent: it would undo what a
+    person picks while the update is on its way."""
+    if current and current not in names:
+        return gr.update(choices=names, value=None)
+    return gr.update(choices=names)
 
 
 def show_run(run_name, log_scale=False):
@@ -144,15 +172,14 @@ def show_run(run_name, log_scale=False):
 def live_view(run_name, log_scale=False) -> list:
     """Everything the live view shows, read from the run directory: the status, every chart
     (charts.build's outputs), the "run|state" the page title follows, and the reproduce command."""
-    run = None
-    if run_name:
-        try:
-            run = get_run(run_name)
-        except RunnerError as exc:
-            return [f"⚠️ {exc}"] + blank_view()
-    if run is None:
-        return ["No run yet: upload data, then press Start."] + blank_view()
-    return run_view(run, log_scale)
+    try:
+        if run_name:
+            return run_view(get_run(run_name), log_scale)
+        if run_choices():
+            return ["Choose a run to follow."] + blank_view()
+    except EXPECTED as exc:
+        return [in_words(exc)] + blank_view()
+    return ["No run yet: upload data, then press Start."] + blank_view()
 
 
 def blank_view() -> list:
@@ -241,23 +268,31 @@ def memory_refusal(cfg) -> str | None:
 
 
 def memory_bar(model_choice, custom_model, max_seq_len, micro_batch, lora_r, epochs=0, max_steps=-1,
-               grad_accum=1, data_size=None, gpu_index=-1) -> str:
+               grad_accum=1, data_size=None, gpu_index=-1, device="auto") -> str:
     """HTML: the plan's parts as one stacked bar against the card's free memory, with a legend,
-    and a first guess of the training time for the uploaded data."""
+    and the planner's time estimate for the uploaded data."""
     try:
-        model = planner.model_shape(selected_model(model_choice, custom_model))
-        length, batch, rank = int(max_seq_len), int(micro_batch), int(lora_r)
-    except (CatalogError, TypeError, ValueError):
-        model = None
-    if model is None:
+        return _memory_bar(model_choice, custom_model, max_seq_len, micro_batch, lora_r, epochs,
+                           max_steps, grad_accum, data_size, gpu_index, device)
+    except EXPECTED as exc:
+        return f"<p>Memory plan unavailable: {html.escape(sentence(exc), quote=False)}</p>"
+
+
+def _memory_bar(model_choice, custom_model, max_seq_len, micro_batch, lora_r, epochs, max_steps,
+                grad_accum, data_size, gpu_index, device) -> str:
+    model = planner.model_shape(selected_model(model_choice, custom_model))
+    length, batch, rank = (_int(value, 0) for value in (max_seq_len, micro_batch, lora_r))
+    if model is None or min(length, batch, rank) < 1:
         return "<p>Memory plan: unknown model shape (a Hub id outside the catalog) or incomplete settings.</p>"
-    try:
-        gpu = planner.detected_gpu(_int(gpu_index, -1))
-    except ConfigError:  # the card it names is gone: plan against the most free one
-        gpu = planner.detected_gpu()
+    gpu = None
+    if device != "cpu":
+        try:
+            gpu = planner.detected_gpu(_int(gpu_index, -1))
+        except ConfigError:  # the card it names is gone: plan against the most free one
+            gpu = planner.detected_gpu()
     # Memory held by the app's own chat model counts as free: starting the run unloads it.
     free = min(gpu.free_gb + planner.chat_held_gb(gpu), gpu.total_gb) if gpu else None
-    result = planner.plan(model, max(length, 1), max(batch, 1), max(rank, 1), free)
+    result = planner.plan(model, length, batch, rank, free)
     scale = max(result.total_gb, free or 0) or 1.0
     segments = "".join(
         f'<div title="{part}: {gb:.2f} GB" style="width:{100 * gb / scale:.2f}%;background:{colour}"></div>'
@@ -267,38 +302,48 @@ def memory_bar(model_choice, custom_model, max_seq_len, micro_batch, lora_r, epo
     legend = " ".join(f'<span style="white-space:nowrap"><span style="color:{colour}">■</span> {part} '
                       f'{gb:.2f} GB</span>' for (part, gb), colour in zip(result.parts.items(), BAR_COLOURS))
     if free is None:
-        verdict = f"about {result.total_gb:.1f} GB on a GPU; this machine trains on the CPU"
+        verdict = f"about {result.total_gb:.1f} GB on a GPU; this run trains on the CPU"
     else:
         verdict = (f"{result.total_gb:.1f} GB of {free:.1f} GB free on {gpu.name}: "
                    + ("fits" if result.fits else "does not fit (Start will refuse)"))
-    speed = planner.tokens_per_second(model, length, planner.find_gpu(gpu.name, gpu.total_gb) if gpu else None)
+    size = data_size or {}
+    estimate = planner.estimate_time(
+        model, length, gpu, rows=size.get("rows") or 0,
+        tokens_per_epoch=size.get("tokens_per_epoch") or 0, epochs=_number(epochs, 0.0),
+        max_steps=_int(max_steps, -1), rows_per_step=batch * max(_int(grad_accum, 1), 1))
     return (f'<div id="memory-plan"><b>Memory plan</b>: {verdict}'
             f'<div style="position:relative;display:flex;height:22px;margin:6px 0;background:#eee;'
             f'border-radius:4px">{segments}{marker}</div><small>{legend}<br>'
-            f'{time_guess(speed, data_size, epochs, max_steps, batch * _int(grad_accum, 1))}</small></div>')
+            f'{html.escape(time_text(estimate), quote=False)}</small></div>')
 
 
-def time_guess(tokens_per_s: float, data_size: dict | None, epochs, max_steps, rows_per_step: int) -> str:
-    """Training time from the data's token count at the planner's first-guess speed; the ETA of a
-    running run comes from its real pace instead."""
-    text = f"First guess of speed: about {tokens_per_s:.0f} tokens/s"
-    rows, tokens = (data_size or {}).get("rows"), (data_size or {}).get("tokens_per_epoch")
-    if not rows or not tokens:
-        return text + " (upload data for a time estimate; the live ETA replaces it once training runs)."
-    steps = _int(max_steps, -1)
-    if steps > 0:
-        total = tokens / rows * rows_per_step * steps
-        what = f"{steps} steps"
-    else:
-        total = tokens * max(float(epochs or 0), 0.0)
-        what = f"{float(epochs or 0):g} epochs of {tokens:,} tokens"
-    return (f"{text}, so about {duration(total / tokens_per_s)} for {what} (the live ETA "
-            "replaces this guess once training runs).")
+def time_text(estimate: planner.TimeEstimate) -> str:
+    """The planner's time estimate in words, saying that it is one and what speed it assumes."""
+    if estimate.tokens_per_s is None:
+        return f"No time estimate: {estimate.speed_from}. The live ETA appears once training runs."
+    speed = (f"a first-guess speed of about {estimate.tokens_per_s:,.0f} tokens/s "
+             f"({estimate.speed_from})")
+    if estimate.seconds is None:
+        return f"Time estimate: upload data to get one; it will assume {speed}."
+    return (f"Time estimate: about {duration(estimate.seconds)} for {estimate.what}, at {speed}. "
+            "The live ETA replaces this guess once training runs.")
+
+
+def same_length(value):
+    """The max sequence length copied from one field to the other; an empty field copies nothing."""
+    return gr.skip() if value is None else value
 
 
 def _int(value, default: int) -> int:
     try:
         return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _number(value, default: float) -> float:
+    try:
+        return float(value)
     except (TypeError, ValueError):
         return default
 
@@ -325,10 +370,11 @@ def build(hardware: dict, data: dict) -> dict:
     gpu = gr.Dropdown(gpu_choices(gpus), value=-1, label="GPU", visible=len(gpus) >= 2,
                       elem_id="cfg-gpu")
     components = [by_field[field] for field, *_ in FIELDS]
-    recipe.change(recipe_values, recipe, [description] + components, api_name=False)
+    on_recipe = recipe.change(recipe_values, recipe, [description] + components, api_name=False)
     plan_inputs = [hardware["model"], hardware["custom_model"], by_field["max_seq_len"],
                    by_field["micro_batch_size"], by_field["lora_r"], by_field["epochs"],
-                   by_field["max_steps"], by_field["grad_accum_steps"], data["data_size"], gpu]
+                   by_field["max_steps"], by_field["grad_accum_steps"], data["data_size"], gpu,
+                   by_field["device"]]
     memory = gr.HTML(memory_bar(*[c.value for c in plan_inputs]), elem_id="memory-plan-html")
     for component in plan_inputs:
         component.change(memory_bar, plan_inputs, memory, api_name=False, show_progress="hidden")
@@ -338,6 +384,8 @@ def build(hardware: dict, data: dict) -> dict:
         stop_button = gr.Button("Stop", variant="stop", elem_id="stop-button")
         resume_button = gr.Button("Resume", elem_id="resume-button")
     message = gr.Markdown(elem_id="train-message")
+    # allow_custom_value: a run deleted meanwhile reaches live_view, which says so in words;
+    # opening the list refreshes its choices (run_picker).
     run = gr.Dropdown(choices=run_choices(), value=default_run(), label="Run", elem_id="run-choice",
                       allow_custom_value=True)
     status = gr.Markdown(elem_id="run-status")
@@ -348,12 +396,16 @@ def build(hardware: dict, data: dict) -> dict:
     state = gr.Textbox(visible="hidden", elem_id="run-state")
     timer = gr.Timer(2.0)
 
-    # One max sequence length: the Data tab's statistics use the same value the run trains with.
-    data["max_seq_len"].value = defaults.max_seq_len
-    by_field["max_seq_len"].change(lambda n: n, by_field["max_seq_len"], data["max_seq_len"],
-                                   api_name=False, show_progress="hidden")
-    data["max_seq_len"].input(lambda n: n, data["max_seq_len"], by_field["max_seq_len"],
-                              api_name=False, show_progress="hidden")
+    # One max sequence length: the Data tab's field shows the value the run trains with, and its
+    # change re-runs the statistics there. Each field copies what a person types into the other
+    # (input, not change: a copy must not echo back over what they type next); a recipe sets
+    # this field, then the Data tab's.
+    train_length, data_length = by_field["max_seq_len"], data["max_seq_len"]
+    data_length.value = defaults.max_seq_len
+    for source, target, event in ((train_length, data_length, train_length.input),
+                                  (data_length, train_length, data_length.input),
+                                  (train_length, data_length, on_recipe.then)):
+        event(same_length, source, target, api_name=False, show_progress="hidden")
 
     inputs = [recipe, hardware["model"], hardware["custom_model"], data["data_path"], data["template"]]
     data_inputs = [data["config_inputs"][field] for field in DATA_FIELDS]
@@ -366,6 +418,7 @@ def build(hardware: dict, data: dict) -> dict:
     outputs = [status] + plots["outputs"] + [state, command]
     # The API keeps its two outputs (status, loss chart); the page refreshes everything.
     run.change(show_run, view, [status, plots["loss"]], api_name="run_status")
+    run.focus(run_picker, run, run, api_name=False, show_progress="hidden")
     run.change(live_view, view, outputs, api_name=False, show_progress="hidden")
     plots["log_scale"].change(live_view, view, outputs, api_name=False, show_progress="hidden")
     timer.tick(live_view, view, outputs, api_name=False, show_progress="hidden")

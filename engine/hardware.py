@@ -21,8 +21,8 @@ class Gpu:
     name: str
     total_gb: float
     free_gb: float
-    compute_capability: str  # e.g. "8.6"; bf16 needs 8.0 (Ampere) or newer
-    bf16: bool
+    compute_capability: str  # e.g. "8.6"
+    bf16: bool  # native bf16 (gpu_bf16_native)
 
 
 @dataclass
@@ -106,7 +106,7 @@ def detect_gpus() -> tuple[list[Gpu], str]:
                     total_gb=round(memory.total / GIB, 2),
                     free_gb=round(memory.free / GIB, 2),
                     compute_capability=f"{major}.{minor}",
-                    bf16=major >= 8,
+                    bf16=gpu_bf16_native(major),
                 )
             )
         return gpus, "" if gpus else "the NVIDIA driver reports no GPU"
@@ -117,6 +117,18 @@ def detect_gpus() -> tuple[list[Gpu], str]:
             pynvml.nvmlShutdown()
         except pynvml.NVMLError:
             pass
+
+
+# Tensor cores compute bf16 from compute capability 8.0 (Ampere: RTX 30xx, A100) on. Older cards
+# (RTX 20xx, GTX 16xx) run it emulated, many times slower, so they compute in fp16.
+BF16_MIN_CAPABILITY = 8
+
+
+def gpu_bf16_native(major: int) -> bool:
+    """Whether a GPU of this compute capability (its major number) computes bf16 natively: the
+    one rule for what the hardware summary says (from NVML) and what a run computes in (from
+    torch, engine.models.compute_dtype)."""
+    return major >= BF16_MIN_CAPABILITY
 
 
 # Flags of CPUs that compute bf16 in hardware: AVX512-BF16 (Intel Cooper Lake, Sapphire Rapids;

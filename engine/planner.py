@@ -328,11 +328,6 @@ def training_flops_per_token(model: CatalogModel, max_seq_len: int) -> float:
     return 3 * (2 * matmul_params + attention)
 
 
-def estimate_seconds(model: CatalogModel, tokens: int, max_seq_len: int, gpu: GpuSpec | None) -> float:
-    """Training time for `tokens` tokens (all epochs); None gpu = a CPU at DESIGN.md's rate."""
-    return tokens / tokens_per_second(model, max_seq_len, gpu)
-
-
 def detected_gpu(requested: int = -1):
     """The GPU a run with `gpu = requested` trains on (engine.hardware.run_gpu), or None."""
     from engine.hardware import run_gpu
@@ -358,3 +353,46 @@ def tokens_per_second(model: CatalogModel, max_seq_len: int, gpu: GpuSpec | None
     """A first guess of training speed; the live tokens/s in metrics.jsonl replaces it."""
     rate = CPU_FLOPS if gpu is None else gpu.tflops_16bit * 1e12 * GPU_UTILISATION
     return rate / training_flops_per_token(model, max_seq_len)
+
+
+@dataclass(frozen=True)
+class TimeEstimate:
+    """A first guess of a run's training time and what it rests on. The ETA of a running run
+    comes from its real pace instead (engine.callback)."""
+    tokens_per_s: float | None  # None: no speed figure for this hardware
+    speed_from: str  # where that speed comes from, in words
+    tokens: float | None = None  # tokens the run trains on, all epochs; None before data is read
+    what: str = ""  # what those tokens are: "8 epochs of 898 tokens", "20 steps"
+
+    @property
+    def seconds(self) -> float | None:
+        if self.tokens is None or not self.tokens_per_s:
+            return None
+        return self.tokens / self.tokens_per_s
+
+
+def estimate_time(model: CatalogModel, max_seq_len: int, gpu=None, rows: int = 0,
+                  tokens_per_epoch: int = 0, epochs: float = 1.0, max_steps: int = -1,
+                  rows_per_step: int = 1) -> TimeEstimate:
+    """How long a run trains: the data's tokens (max_steps steps of rows_per_step rows, else
+    `epochs` passes) at the first-guess speed. gpu: the detected card the run trains on
+    (engine.hardware.Gpu), None for a CPU run; no data yet (rows 0): the speed only."""
+    spec = find_gpu(gpu.name, gpu.total_gb) if gpu else None
+    if gpu is None:
+        speed_from = ("scaled to this model from what our engine measured on a 2-core CPU, "
+                      f"{CPU_FLOPS / 1e9:.0f} GFLOP/s of training work; CPUs differ several-fold")
+    elif spec is None:
+        return TimeEstimate(None, f"the {gpu.name} has no speed figure in presets/gpus.yaml")
+    else:
+        speed_from = (f"{GPU_UTILISATION:.0%} of the {spec.name}'s {spec.tflops_16bit:g} TFLOPS "
+                      "16-bit tensor rate, a figure not yet measured on a GPU")
+    speed = tokens_per_second(model, max_seq_len, spec)
+    if not rows or not tokens_per_epoch:
+        return TimeEstimate(speed, speed_from)
+    if max_steps > 0:
+        tokens = tokens_per_epoch / rows * rows_per_step * max_steps
+        what = f"{max_steps} steps"
+    else:
+        tokens = tokens_per_epoch * max(epochs, 0.0)
+        what = f"{epochs:g} epochs of {tokens_per_epoch:,} tokens"
+    return TimeEstimate(speed, speed_from, tokens, what)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from engine import models
-from engine.hardware import cpu_bf16_native, cpu_dtype_note, detect
+from engine.hardware import (Gpu, Hardware, cpu_bf16_native, cpu_dtype_note, detect,
+                             gpu_bf16_native)
 
 ZEN3 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx avx2 fma bmi2\n"
 ZEN4 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 avx512f avx512_bf16 avx512_vnni\n"
@@ -69,15 +70,19 @@ def test_an_explicit_choice_is_kept_and_said(cpu):
     assert models.compute_dtype("fp32", "cuda")[0] == torch.float32
 
 
-def test_a_gpu_with_only_emulated_bf16_gets_fp16(monkeypatch):
-    # Turing: torch.cuda.is_bf16_supported() is True through emulation, False for native support.
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
-                        lambda including_emulation=True: including_emulation)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    dtype, why = models.compute_dtype("auto", "cuda")
-    assert dtype == torch.float16 and "7.5" in why
+@pytest.mark.parametrize("capability, dtype", [((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                                               ((8, 6), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_a_gpu_computes_in_bf16_exactly_where_the_hardware_summary_says_so(monkeypatch, capability,
+                                                                          dtype):
+    # Turing (7.5) answers yes to torch.cuda.is_bf16_supported() through emulation: the one rule
+    # (hardware.gpu_bf16_native, from the compute capability) gives it fp16, here and for NVML.
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
-    assert models.compute_dtype("auto", "cuda")[0] == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    chosen, why = models.compute_dtype("auto", "cuda")
+    assert chosen == dtype and f"{capability[0]}.{capability[1]}" in why
+    assert (chosen == torch.bfloat16) == gpu_bf16_native(capability[0])
+    nvml_view = Gpu(0, "card", 12.0, 10.0, "", gpu_bf16_native(capability[0]))
+    assert Hardware(gpus=[nvml_view]).summary().count("bf16 yes") == (chosen == torch.bfloat16)
 
 
 def test_the_train_tab_says_what_a_run_computes_in():

@@ -8,8 +8,8 @@ import pytest
 
 from engine import catalog, planner
 from engine.config import ConfigError
-from engine.hardware import (GIB, Gpu, cuda_index, detect, detect_gpus, pick_gpu, pin_env,
-                             visible_gpus)
+from engine.hardware import (GIB, Gpu, cuda_index, detect, detect_gpus, gpu_bf16_native, pick_gpu,
+                             pin_env, visible_gpus)
 
 
 def test_no_gpu_here_means_cpu_mode(tmp_path):
@@ -76,6 +76,15 @@ def test_turing_gpu_has_no_bf16(monkeypatch):
     gpus, _ = detect_gpus()
     assert (gpus[0].compute_capability, gpus[0].bf16) == ("7.5", False)
     assert "fp16 compute" in detect().summary()
+
+
+@pytest.mark.parametrize("capability, native", [((6, 1), False), ((7, 5), False), ((8, 0), True),
+                                                ((8, 9), True), ((12, 0), True)])
+def test_nvml_bf16_follows_the_one_capability_rule(monkeypatch, capability, native):
+    # Pascal and Turing emulate bf16; Ampere, Ada, Hopper and Blackwell compute it natively.
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(capability=capability))
+    assert gpu_bf16_native(capability[0]) is native
+    assert detect_gpus()[0][0].bf16 is native
 
 
 def test_driver_missing_is_a_note(monkeypatch):
