@@ -20,6 +20,7 @@ from engine.config import PRESETS_DIR, ConfigError, RunConfig, load_recipe, reci
 from engine.data import DataError, read_dataset
 from engine.models import ModelError
 from engine.readers import is_hub_id
+from engine.rundir import RETRYING
 from engine.runner import RunnerError
 from engine.templates import TemplateError
 
@@ -75,8 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--max-seq-len", type=int, default=512, help="rows longer than this are reported")
     check.add_argument("--skip-bad-rows", action="store_true", help="exit 0 if the good rows are usable")
 
-    train = commands.add_parser("train", help="train a QLoRA adapter (foreground)",
-                                description="Train from flags, from --config, or an existing run dir.")
+    train = commands.add_parser(
+        "train", help="train a QLoRA adapter (foreground)",
+        description="Train from flags, from --config, or an existing run dir, in this terminal. "
+        "One run trains at a time: while another run of this data folder (QLS_DATA_DIR) trains, "
+        "or one started here elsewhere, this is refused at once (exit code 1) rather than "
+        "queued; runs queued meanwhile start when this one ends.")
     train.add_argument("run_dir", nargs="?", help="an existing run directory holding config.yaml")
     train.add_argument("--config", help="a run configuration YAML")
     train.add_argument("--recipe", choices=recipe_names(), help="start from a preset recipe")
@@ -146,30 +151,44 @@ def cmd_data(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from engine import runner
     from engine.rundir import RunDir
 
-    if args.run_dir:
+    if args.background:  # spawned by the job runner, which recorded this launch and pinned it
         run = RunDir(args.run_dir)
-        if not run.is_run():
-            raise CliError(f"{args.run_dir} has no config.yaml: to start a new run use --out")
-        if not args.background:  # the UI checked before it spawned a background run
-            _preflight(RunConfig.load(run.config_path), args.vram_gb)
+        cfg = RunConfig.load(run.config_path)
     else:
-        run = _new_run(args)
-    cfg = RunConfig.load(run.config_path)
-    if not args.background:
-        run.stop_path.unlink(missing_ok=True)  # an old stop request is not meant for this session
-        _pin_gpu(run, cfg)  # the runner pinned the runs it spawns
+        run = _foreground_run(args)
+        cfg = RunConfig.load(run.config_path)
+        runner.start_here(run, resume=args.resume)  # refused while another of our runs trains
+        _pin_gpu(run, cfg)
     from engine.train import run_training  # after pinning: torch must not see the other GPUs
 
     _setup_logging(run, args.background)
     _share_the_cpu(cfg)
-    state = run_training(str(run.path), resume=args.resume)
+    state = "failed"  # also when something escapes the recipe: the queue still moves on
+    try:
+        state = run_training(str(run.path), resume=args.resume)
+    finally:
+        runner.after_training(run, state)  # the next queued run, or this run's next process
     status = run.read_status()
     print(f"{state}: {status.get('message', '')} ({run.path})", file=sys.stderr)
-    if state == "retrying":  # out of GPU memory: a new background process goes on with the run
+    if state == RETRYING:  # out of GPU memory: a new background process goes on with the run
         print(f"the run goes on in the background; follow it in {run.log_path}", file=sys.stderr)
-    return 0 if state in ("finished", "stopped", "retrying") else 1
+    return 0 if state in ("finished", "stopped", RETRYING) else 1
+
+
+def _foreground_run(args):
+    """The run a person trains in this terminal: an existing run folder, or a new one (--out)."""
+    from engine.rundir import RunDir
+
+    if not args.run_dir:
+        return _new_run(args)
+    run = RunDir(args.run_dir)
+    if not run.is_run():
+        raise CliError(f"{args.run_dir} has no config.yaml: to start a new run use --out")
+    _preflight(RunConfig.load(run.config_path), args.vram_gb)
+    return run
 
 
 def _share_the_cpu(cfg: RunConfig) -> None:
@@ -190,17 +209,20 @@ def _pin_gpu(run, cfg: RunConfig) -> None:
     """Show this process only the run's GPU, before torch starts CUDA: with several visible,
     transformers' Trainer would split every micro-batch over all of them (DataParallel)."""
     from engine.hardware import pin_env, run_gpu, visible_indices
+    from engine.runner import record_gpu
 
     if "CUDA_VISIBLE_DEVICES" in os.environ and not visible_indices():
         return  # GPU UUIDs, MIG names, or "" (no GPU): the person chose, and we cannot narrow it
     gpu = None if cfg.device == "cpu" else run_gpu(cfg.gpu)  # within CUDA_VISIBLE_DEVICES, if set
     if gpu is not None:
         os.environ.update(pin_env(gpu))
-        run.write_status(gpu=gpu.index, gpu_name=gpu.name)
+        record_gpu(run, gpu)
 
 
 def _new_run(args):
-    from engine.rundir import RunDir
+    """A new run folder (--out) from the flags, once its settings and data are known to be good;
+    the runner creates it, as it creates the app's runs."""
+    from engine.runner import create_run, ensure_gpu_free
 
     if not args.out:
         raise CliError("say where the run goes with --out RUN_DIR (or give an existing run dir)")
@@ -213,11 +235,8 @@ def _new_run(args):
     data = read_dataset(cfg.data_path, cfg.data_format, cfg.data_columns, keep=0)
     if not data.usable(cfg.skip_bad_rows):
         raise DataError(data.summary(max_errors=3).replace("\n", " "))
-    out.mkdir(parents=True, exist_ok=True)
-    run = RunDir(out)
-    cfg.save(run.config_path)
-    run.write_status(state="queued", step=0, message="starting")
-    return run
+    ensure_gpu_free()  # a run that cannot start now leaves no folder behind
+    return create_run(cfg, path=out)
 
 
 def config_from_args(args) -> RunConfig:

@@ -1,9 +1,12 @@
 """The run directory: the only channel between the UI and a training process.
 
-status.json is replaced atomically (write a temp file, then rename) so a reader never sees half
-of it; metrics.jsonl is append-only with one whole line per write, so a reader skips at most a
-line still being written. A stop is a file (`stop.request`) the trainer polls each step, so the
-UI never has to write status.json, which only the training process owns while it runs.
+Two files say how a run stands, each with one writer: status.json is the training process's own
+report; launch.json is the job runner's record of what it did with the run (queued it, started a
+process with this pid on this GPU, could not start one, cancelled it). `read_status` shows every
+reader one merged status. Both are replaced atomically (write a temp file, then rename) so a
+reader never sees half of one; metrics.jsonl is append-only with one whole line per write, so a
+reader skips at most a line still being written. A stop is a file (`stop.request`) the trainer
+polls each step, so nobody but the training process writes status.json.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ STATES = ("queued", "running", "stopping", "finished", "failed", "stopped")
 # In adapter/: the prompt template and base model a run trained with, so chat renders the same way.
 TEMPLATE_FILE = "prompt_template.json"
 LIVE_STATES = ("queued", "running", "stopping")
+# What the recipe returns, instead of an end state, when a GPU out-of-memory asks for the run to go
+# on in a fresh process with a smaller micro-batch (the job runner starts that process).
+RETRYING = "retrying"
 
 
 class RunDir:
@@ -37,39 +43,54 @@ class RunDir:
     checkpoints_dir = property(lambda self: self.path / "checkpoints")
     adapter_dir = property(lambda self: self.path / "adapter")
     stop_path = property(lambda self: self.path / "stop.request")
+    launch_path = property(lambda self: self.path / "launch.json")
 
     @property
     def name(self) -> str:
         return self.path.name
 
     def write_status(self, **changes) -> dict:
-        """Merge changes into status.json and replace it atomically."""
-        status = self._read_raw_status()
-        status.update(changes)
-        status["updated"] = time.time()
-        replace_atomically(self.status_path, json.dumps(status, indent=1))
-        return status
+        """Merge changes into status.json and replace it atomically (the training process only)."""
+        return _merge_into(self.status_path, changes)
 
-    def _read_raw_status(self) -> dict:
-        try:
-            return json.loads(self.status_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {}
+    def write_launch(self, **changes) -> dict:
+        """Merge changes into launch.json (the job runner only, under its queue lock)."""
+        return _merge_into(self.launch_path, changes)
+
+    def latest_launch(self) -> int:
+        """The number of the run's latest launch, as either file knows it (0: never launched)."""
+        return max(_launch_of(_read_json(path)) for path in (self.launch_path, self.status_path))
 
     def read_status(self) -> dict:
-        """The status as a person should see it: a live state whose process is gone is a failure."""
-        status = self._read_raw_status()
-        if not status:
-            return {"state": "failed", "message": "this run has no status.json (not a run folder?)"}
-        if status.get("state") in LIVE_STATES and status.get("pid") and not process_alive(
-            status.get("pid"), status.get("pid_created")
-        ):
+        """The run's state as every reader sees it, one dict with the keys of status.json.
+
+        The training process's report wins once it has reported on the latest launch (it copies
+        the launch number into status.json as it starts); until then, what the runner recorded
+        since wins: queued, starting as pid N, could not start, cancelled. A live state whose
+        process is gone is a failure."""
+        status = self._merged()
+        if self._gone(status):
+            status = self._merged()  # it may have reported its end just before it exited
+        if self._gone(status):
             tail = self.log_tail(5)
             status["state"] = "failed"
             status["message"] = "the training process ended without saying why (killed, crashed " \
                 "or the machine restarted); the last checkpoint, if any, is intact"
             status["error"] = status["message"] + (f". Last log lines:\n{tail}" if tail else "")
         return status
+
+    def _merged(self) -> dict:
+        status, launch = _read_json(self.status_path), _read_json(self.launch_path)
+        if not status and not launch:
+            return {"state": "failed", "message": "this run has no status.json (not a run folder?)"}
+        if status and _launch_of(status) >= _launch_of(launch):
+            return {"step": 0, **launch, **status}
+        return {"step": 0, **status, **launch}
+
+    @staticmethod
+    def _gone(status: dict) -> bool:
+        return status.get("state") in LIVE_STATES and bool(status.get("pid")) and not \
+            process_alive(status.get("pid"), status.get("pid_created"))
 
     def append_metric(self, record: dict) -> None:
         append_line(self.metrics_path, record)
@@ -106,6 +127,27 @@ class RunDir:
             return 0
         replace_atomically(self.metrics_path, "".join(map(_metric_line, kept)))
         return len(records) - len(kept)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _launch_of(record: dict) -> int:
+    number = record.get("launch", 0)
+    return number if isinstance(number, int) else 0
+
+
+def _merge_into(path: Path, changes: dict) -> dict:
+    record = _read_json(path)
+    record.update(changes)
+    record["updated"] = time.time()
+    replace_atomically(path, json.dumps(record, indent=1))
+    return record
 
 
 def replace_atomically(path: Path, text: str) -> None:

@@ -3,9 +3,11 @@
     python -m engine train RUN_DIR        (what the job runner spawns)
 
 Load the 4-bit base model, add LoRA to every linear layer, tokenise the conversations with loss
-on assistant tokens only, and hand all of it to transformers' Trainer. Its callback
-(engine/callback.py) is the only bridge to the UI: it writes status.json and metrics.jsonl and
-honours stop requests; engine/faults.py puts what went wrong into words.
+on assistant tokens only, and hand all of it to transformers' Trainer. This process alone writes
+the run's status.json (here and in its callback, engine/callback.py, which also writes
+metrics.jsonl and honours stop requests); engine/faults.py puts what went wrong into words. What
+happens after the recipe (the next queued run, a fresh process after an out-of-memory) is the job
+runner's: engine/runner.after_training.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import shutil
 import signal
 import time
 import traceback
+from dataclasses import dataclass
+from typing import Any
 
 import psutil
 from transformers import PrinterCallback
@@ -46,12 +50,11 @@ from engine.models import (
     resolve_model,
 )
 from engine.progress import Progress, phase, transformers_bar
-from engine.rundir import TEMPLATE_FILE, RunDir, process_alive, process_created
+from engine.rundir import RETRYING, TEMPLATE_FILE, RunDir, process_alive, process_created
 from engine.templates import IGNORE_INDEX, TemplateError, encode, get_template, pack, text_tokens
 
 log = logging.getLogger("engine.train")
 KNOWN_ERRORS = (ConfigError, DataError, ModelError, TemplateError)
-RETRYING = "retrying"  # run_training's answer when the run goes on in a fresh process
 MAX_OOM_RETRIES = 3  # micro-batch 8 -> 4 -> 2 -> 1; each retry loads the model again
 PREDECESSOR_WAIT_S = 60  # a process that handed its run over exits in seconds; a hung one is ended
 
@@ -61,17 +64,18 @@ class OutOfMemoryInStep(RuntimeError):
 
 
 def run_training(run_dir: str, resume: bool = False) -> str:
-    """Train one run to its end; returns the final state (finished, stopped or failed), or
-    "retrying" when a GPU out-of-memory handed the run to a fresh process that goes on with it.
-
-    When it ends, for whatever reason, the next queued run gets the GPU: the queue moves on even
-    with no UI open. A run handed to a fresh process has not ended: the queue waits for that one."""
+    """Train one run to its end in this process; returns the final state (finished, stopped or
+    failed), or RETRYING when a GPU out-of-memory in a step asks for the run to go on from its
+    last checkpoint in a fresh process, with half the micro-batch (runner.after_training starts
+    it; a CUDA context left broken by an OOM could poison a retry in this one)."""
     run = RunDir(run_dir)
     taking_over = _wait_for_predecessor(run)
     pid = psutil.Process().pid
     notes = (run.read_status().get("notes") or []) if taking_over else []  # retries so far
-    run.write_status(state="running", pid=pid, pid_created=process_created(pid),
-                     started=time.time(), message="loading the model", error="", notes=notes,
+    # `launch`: the launch this process reports on; from here on its status is the run's state.
+    run.write_status(state="running", launch=run.latest_launch(), pid=pid,
+                     pid_created=process_created(pid), started=time.time(),
+                     message="loading the model", error="", notes=notes,
                      predecessor_pid=None, predecessor_created=None)
     # A plain `kill` (SIGTERM) or Ctrl-C is a stop request: save, then exit, like the Stop button.
     # On Windows Ctrl-Break too: what a process group of its own gets (CTRL_BREAK_EVENT).
@@ -80,18 +84,15 @@ def run_training(run_dir: str, resume: bool = False) -> str:
         stop_signals.append(signal.SIGBREAK)
     for sig in stop_signals:
         signal.signal(sig, lambda *_: run.request_stop())
-    state = "failed"  # also when something escapes: the GPU still goes to the next queued run
     try:
-        state = _train_with_retries(run, resume)
+        return _train_with_retries(run, resume)
     finally:
-        _hand_over_gpu(run, to_successor=state == RETRYING)
-    return state
+        free_memory()  # the GPU's memory goes to the next run, or to this run's next process
 
 
 def _train_with_retries(run: RunDir, resume: bool) -> str:
-    """_train; on GPU out-of-memory in a step, the run goes on from its last checkpoint with half
-    the micro-batch in a fresh process (a CUDA context left broken by an OOM could poison a retry
-    in this one)."""
+    """_train, with every error ending as a readable status; RETRYING after a GPU out-of-memory
+    in a step that a smaller micro-batch may avoid."""
     try:
         cfg = RunConfig.load(run.config_path).validate()
         return _train(run, cfg, resume)
@@ -109,32 +110,16 @@ def _train_with_retries(run: RunDir, resume: bool) -> str:
     free_memory()
     if not in_step:  # while loading: the model itself does not fit, whatever the micro-batch
         return _fail(run, model_too_big_message(cfg))
-    return _hand_to_new_process(run, cfg)
+    return _retry_with_half_batch(run, cfg)
 
 
-def _hand_to_new_process(run: RunDir, cfg: RunConfig) -> str:
-    """Halve the micro-batch and start a fresh process that resumes the run once this one has
-    exited. The run stays "running" throughout: status.json's pid becomes the new process's."""
+def _retry_with_half_batch(run: RunDir, cfg: RunConfig) -> str:
+    """RETRYING with the micro-batch halved in config.yaml (the run stays "running" until the
+    new process reports), or a failure when no retry is left."""
     retries = len(run.read_status().get("notes") or [])
     if cfg.micro_batch_size <= 1 or retries >= MAX_OOM_RETRIES:
         return _fail(run, oom_message(run, cfg, retries))
     _halve_micro_batch(run, cfg)
-    from engine.runner import RunnerError, spawn
-
-    stop_asked = run.stop_requested()
-    pid = psutil.Process().pid
-    # The new process waits for this one to end before it touches the GPU (see run_training).
-    run.write_status(predecessor_pid=pid, predecessor_created=process_created(pid))
-    try:
-        # absolute: the new process starts in the project folder, not in this one's
-        successor = spawn(RunDir(run.path.resolve()), resume=True)
-    except (OSError, RunnerError) as exc:
-        return _fail(run, f"could not start a new training process for the retry ({exc}); the last "
-                     "checkpoint is kept: resuming the run continues from it")
-    if stop_asked:
-        run.request_stop()  # spawn clears stop requests as old; this one is for the new process
-    log.info("the run goes on in a new training process (pid %d) once this one has exited",
-             successor.pid)
     return RETRYING
 
 
@@ -175,11 +160,33 @@ def _halve_micro_batch(run: RunDir, cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+# --- the recipe: setup, data, model, trainer, run, save ----------------------------------------
+
+@dataclass
+class Setup:
+    """What the recipe's steps share: where it computes and in what, and the model's source,
+    tokenizer and prompt template."""
+    device: str
+    dtype: Any  # a torch.dtype (torch is imported only once training starts)
+    dtype_why: str
+    source: str
+    name: str
+    tokenizer: Any
+    template: Any
+
+
 def _train(run: RunDir, cfg: RunConfig, resume: bool) -> str:
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+    setup = _set_up(run, cfg)
+    train_set, eval_set = _data(run, cfg, setup)
+    model = _model(run, cfg, setup)
+    trainer, callback = _trainer(run, cfg, setup, model, train_set, eval_set)
+    _run(run, trainer, setup.device, resume)
+    return _save(run, cfg, setup, model, trainer.state.global_step, callback)
+
+
+def _set_up(run: RunDir, cfg: RunConfig) -> Setup:
+    """Seed, device, compute dtype, and the model's tokenizer and prompt template."""
+    from transformers import set_seed
 
     set_seed(cfg.seed)
     device = pick_device(cfg.device)
@@ -189,27 +196,47 @@ def _train(run: RunDir, cfg: RunConfig, resume: bool) -> str:
     name = os.path.basename(source.rstrip("/\\")) if os.path.isdir(source) else source
     with phase(run, f"loading the tokenizer of {name}", "loaded the tokenizer"):
         tokenizer = load_tokenizer(source, cfg.trust_remote_code)
-    template = get_template(cfg.template, tokenizer)
+    return Setup(device, dtype, dtype_why, source, name, tokenizer,
+                 get_template(cfg.template, tokenizer))
+
+
+def _data(run: RunDir, cfg: RunConfig, setup: Setup):
+    """The tokenised training set and eval set (None without eval rows)."""
+    from datasets import Dataset
 
     with phase(run, "reading the training data", "read the data"):
         train_rows, eval_rows = _split(cfg)
-    train_set = Dataset.from_list(_tokenise(train_rows, tokenizer, template, cfg, "training", run))
-    eval_set = Dataset.from_list(_tokenise(eval_rows, tokenizer, template, cfg, "eval", run)) if eval_rows else None
 
-    download(source, download_status(run.write_status, source))
-    loading = Progress(run, f"loading {name} into 4-bit", unit="tensors")
+    def tokenised(rows, split: str):
+        return Dataset.from_list(_tokenise(rows, setup.tokenizer, setup.template, cfg, split, run))
+
+    return tokenised(train_rows, "training"), (tokenised(eval_rows, "eval") if eval_rows else None)
+
+
+def _model(run: RunDir, cfg: RunConfig, setup: Setup):
+    """The base model (downloaded if needed) in 4 bits, prepared for training, with LoRA."""
+    from peft import LoraConfig, get_peft_model
+
+    download(setup.source, download_status(run.write_status, setup.source))
+    loading = Progress(run, f"loading {setup.name} into 4-bit", unit="tensors")
     with transformers_bar("Loading weights", loading):  # a step per tensor read and quantized
-        model = load_quantized_model(source, cfg.quant_type, cfg.double_quant, dtype, device,
-                                     cfg.trust_remote_code)
-    loading.done(f"loaded {name} into 4-bit"
+        model = load_quantized_model(setup.source, cfg.quant_type, cfg.double_quant, setup.dtype,
+                                     setup.device, cfg.trust_remote_code)
+    loading.done(f"loaded {setup.name} into 4-bit"
                  + (f" ({loading.total} tensors)" if loading.total else ""))
     with phase(run, f"preparing the model for training: LoRA r={cfg.lora_r} on {cfg.lora_target}",
                "prepared the model for LoRA training"):
         prepare_for_kbit_training(model, cfg.gradient_checkpointing)
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=cfg.lora_target, task_type="CAUSAL_LM")
-        model = get_peft_model(model, lora)
+        return get_peft_model(model, lora)
 
+
+def _trainer(run: RunDir, cfg: RunConfig, setup: Setup, model, train_set, eval_set):
+    """transformers' Trainer with the recipe's settings and our callback; (trainer, callback)."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    device, dtype = setup.device, str(setup.dtype).removeprefix("torch.")
     optimizer = cfg.optimizer
     if optimizer == "auto":
         # Paged optimizers need CUDA unified memory; on CPU there is nothing to page to.
@@ -227,11 +254,9 @@ def _train(run: RunDir, cfg: RunConfig, resume: bool) -> str:
         warmup_steps=cfg.warmup_ratio,  # transformers 5 reads a value below 1 as a share of steps
         max_grad_norm=cfg.max_grad_norm,
         optim=optimizer,
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        # transformers 5.23's names for gradient checkpointing (the old ones are deprecated aliases)
-        activation_checkpointing=cfg.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
+        bf16=dtype == "bfloat16",
+        fp16=dtype == "float16",
+        # No activation_checkpointing here: prepare_for_kbit_training switched it on already.
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         logging_steps=cfg.logging_steps,
         logging_nan_inf_filter=False,  # the default hides a NaN loss; we must see it to stop
@@ -252,14 +277,20 @@ def _train(run: RunDir, cfg: RunConfig, resume: bool) -> str:
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
+        data_collator=DataCollatorForSeq2Seq(setup.tokenizer, padding=True,
+                                             label_pad_token_id=IGNORE_INDEX),
         callbacks=[callback, *injected_faults(run)],
     )
     trainer.remove_callback(PrinterCallback)  # our callback already logs each step, readably
-    setup = f"training on {device} with {optimizer}, compute {dtype_why}"
-    log.info(setup)
-    run.write_status(message=setup, device=device, optimizer=optimizer,
-                     compute_dtype=str(dtype).removeprefix("torch."), compute_why=dtype_why)
+    how = f"training on {device} with {optimizer}, compute {setup.dtype_why}"
+    log.info(how)
+    run.write_status(message=how, device=device, optimizer=optimizer, compute_dtype=dtype,
+                     compute_why=setup.dtype_why)
+    return trainer, callback
+
+
+def _run(run: RunDir, trainer, device: str, resume: bool) -> None:
+    """The training steps, from the last complete checkpoint on a resume, the GPU sampled."""
     checkpoint = _resume_point(run) if resume else None
     # Steps past the checkpoint are trained again: their old chart points go (a fresh start: all).
     run.drop_metrics_after(checkpoints.step_of(checkpoint) if checkpoint else 0)
@@ -272,14 +303,16 @@ def _train(run: RunDir, cfg: RunConfig, resume: bool) -> str:
             raise OutOfMemoryInStep(str(exc)) from exc
         raise
 
-    step = trainer.state.global_step
+
+def _save(run: RunDir, cfg: RunConfig, setup: Setup, model, step: int, callback) -> str:
+    """The adapter saved and the final state (finished or stopped); failed on a NaN loss."""
     if callback.bad_loss:
         last = run.latest_checkpoint()
         return _fail(run, f"{callback.bad_loss}; training stopped at step {step}. "
                      + (f"The last good checkpoint ({last.name}) is kept: " if last else "")
                      + f"lower the learning rate (now {cfg.lr:g}) or max_grad_norm, then start again"
                      + (" or resume the run" if last else ""))
-    _save_adapter(run, model, tokenizer, cfg, source)
+    _save_adapter(run, model, setup.tokenizer, cfg, setup.source)
     stopped = callback.stop_seen
     notes = run.read_status().get("notes") or []
     message = (f"stopped at step {step}; adapter saved" if stopped
@@ -334,8 +367,10 @@ def prepare_for_kbit_training(model, gradient_checkpointing: bool) -> None:
         if (param.dtype in (torch.float16, torch.bfloat16) and id(param) not in big
                 and type(param).__name__ != "Params4bit"):
             param.data = param.data.to(torch.float32)
-    if gradient_checkpointing:  # use_reentrant=False: inputs need no requires_grad hook
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # The one place gradient checkpointing is switched on (TrainingArguments leaves it alone).
+    # use_reentrant=False: the frozen inputs need no requires_grad hook.
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _resume_point(run: RunDir):
@@ -427,21 +462,3 @@ def _fail(run: RunDir, message: str) -> str:
     except OSError:
         pass  # a full disk: the log line above and the dead pid still tell the UI it failed
     return "failed"
-
-
-def _hand_over_gpu(run: RunDir, to_successor: bool = False) -> None:
-    """Free this process's GPU memory, then start the next queued run, if this run is in the queue's
-    runs folder; not when the run goes on in a successor process, which holds the GPU next."""
-    free_memory()
-    if to_successor:
-        return
-    try:
-        from engine.paths import runs_dir
-        from engine.runner import start_next
-
-        if run.path.resolve().parent == runs_dir().resolve():
-            started = start_next()
-            if started is not None:
-                log.info("started the next queued run: %s", started.name)
-    except Exception as exc:  # noqa: BLE001 - this run is over; the UI can still start the queue
-        log.warning("could not start the next queued run: %s", exc)

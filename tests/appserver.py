@@ -66,7 +66,8 @@ class AppServer:
 def kill_training_processes(data_dir: Path) -> None:
     """Kill the training processes of the runs under data_dir: the runner starts each in its own
     session, so the UI's (or a test's) end does not end them."""
-    for status_file in (data_dir / "runs").glob("*/status.json"):
+    runs = data_dir / "runs"  # the pid the runner recorded, and the one the process reported
+    for status_file in [*runs.glob("*/launch.json"), *runs.glob("*/status.json")]:
         try:
             status = json.loads(status_file.read_text())
             pid = int(status.get("pid") or 0)

@@ -11,6 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from engine.rundir import RunDir, process_created
+
 ROOT = Path(__file__).resolve().parent.parent
 GOOD_ROW = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
 HELP = {
@@ -31,12 +33,18 @@ def cli(tmp_path_factory):
     bad.write_text(json.dumps(GOOD_ROW) + "\n\nnot json\n" + json.dumps({"instruction": "x"}) + "\n")
     (tmp / "unfinished-run").mkdir()
     (tmp / "unfinished-run" / "config.yaml").write_text("model: embedded\n")
+    busy = RunDir(tmp / "data" / "runs" / "20250101-000000-busy")  # a run of the app, training
+    busy.path.mkdir(parents=True)
+    busy.config_path.write_text("model: embedded\n")
+    busy.write_status(state="running", pid=os.getpid(), pid_created=process_created(os.getpid()))
     commands = {
         "hardware": ["hardware", "--json"],
         "check-good": ["data", "check", str(good), "--json"],
         "check-bad": ["data", "check", str(bad), "--json"],
         "train-missing-data": ["train", "--out", str(tmp / "new-run"), "--data", str(tmp / "nope.jsonl")],
         "train-no-out": ["train", "--data", str(good)],
+        "train-while-busy": ["train", "--out", str(tmp / "waits"), "--data", str(good),
+                             "--model", "embedded", "--template", "guanaco", "--device", "cpu"],
         "chat-no-adapter": ["chat", str(tmp / "unfinished-run"), "--prompt", "Hi"],
         **HELP,
     }
@@ -95,6 +103,14 @@ def test_train_with_a_missing_data_file_is_a_one_line_error(cli):
 
 def test_train_without_out_is_a_one_line_error(cli):
     assert_one_line_error(cli["train-no-out"], "--out")
+
+
+def test_train_while_a_run_of_the_app_trains_is_refused_at_once(cli):
+    # One run trains at a time: the foreground command goes through the runner's check, under
+    # its lock, and neither trains beside the app's run nor leaves a folder behind.
+    assert_one_line_error(cli["train-while-busy"], "20250101-000000-busy is training",
+                          "one run trains at a time")
+    assert not (cli["tmp"] / "waits").exists()
 
 
 def test_chat_with_a_run_without_adapter_is_a_one_line_error(cli):

@@ -86,6 +86,7 @@ def test_out_of_memory_hands_the_run_to_a_new_process(data_dir, facts_file, embe
     monkeypatch.setattr(runner, "start_next", lambda: started_next.append(1))
     with caplog.at_level(logging.WARNING, logger="engine.train"):
         assert run_training(str(run.path)) == "retrying", run.read_status()
+    runner.after_training(run, "retrying")  # what `python -m engine train` does next
     assert fired == [2]
     assert commands == [[sys.executable, "-m", "engine", "train", str(run.path.resolve()),
                          "--background", "--resume"]]
@@ -133,13 +134,13 @@ def test_out_of_memory_in_a_real_process_is_finished_by_its_successor(data_dir, 
 
 
 def test_out_of_memory_retries_are_capped(data_dir, facts_file, monkeypatch):
-    from engine.train import MAX_OOM_RETRIES, _hand_to_new_process
+    from engine.train import MAX_OOM_RETRIES, _retry_with_half_batch
 
     monkeypatch.setattr(runner, "spawn", lambda *a, **k: pytest.fail("retried once too often"))
     cfg = tiny(facts_file, micro_batch_size=4)
     run = create_run(cfg, name="capped")
     run.write_status(state="running", step=7, notes=["an earlier retry"] * MAX_OOM_RETRIES)
-    assert _hand_to_new_process(run, cfg) == "failed"
+    assert _retry_with_half_batch(run, cfg) == "failed"
     message = run.read_status()["message"]
     assert f"micro-batch 4, after {MAX_OOM_RETRIES} retries" in message and "step 7" in message
     assert "set micro_batch_size to 1" in message

@@ -195,7 +195,6 @@ def test_ctrl_break_is_a_stop_request_on_windows(tmp_path, monkeypatch):
                                         signal=lambda sig, handler: handlers.update({sig: handler}))
     monkeypatch.setattr(train, "signal", fake_signal)
     monkeypatch.setattr(train, "_train_with_retries", lambda run, resume: "finished")
-    monkeypatch.setattr(train, "_hand_over_gpu", lambda run, **how: None)
     assert train.run_training(str(tmp_path)) == "finished"
     assert sorted(handlers) == [2, 15, 21]
     handlers[21](21, None)
