@@ -61,3 +61,50 @@ def facts_file(tmp_path):
     from facts import write_facts
 
     return write_facts(tmp_path / "facts.jsonl")
+
+
+@pytest.fixture(scope="session")
+def learned_run(tmp_path_factory, embedded_model):
+    """One quick-test run on the embedded model that learned the five facts, trained once per
+    session in its own data dir and shared read-only (chat, export and learning tests ask it).
+    Tests that write into it (exports) copy it first: see `copy_run`."""
+    from facts import write_facts
+
+    from engine.config import load_recipe
+    from engine.runner import create_run
+    from engine.train import run_training
+
+    root = tmp_path_factory.mktemp("learned")
+    reuse = os.environ.get("QLS_TEST_LEARNED_RUN")  # developers: a finished run from an earlier session
+    if reuse:
+        import shutil
+
+        from engine.rundir import RunDir
+
+        target = root / "data" / "runs" / "facts"
+        shutil.copytree(reuse, target, ignore=shutil.ignore_patterns("checkpoint-*"))
+        return RunDir(target)
+    before = os.environ.get("QLS_DATA_DIR")
+    os.environ["QLS_DATA_DIR"] = str(root / "data")
+    try:
+        cfg = load_recipe("quick-test", data_path=str(write_facts(root / "facts.jsonl")))
+        run = create_run(cfg, name="facts")
+        assert run_training(str(run.path)) == "finished", run.path.joinpath("train.log").read_text()
+    finally:
+        if before is None:
+            os.environ.pop("QLS_DATA_DIR", None)
+        else:
+            os.environ["QLS_DATA_DIR"] = before
+    return run
+
+
+@pytest.fixture
+def copy_run(learned_run, data_dir):
+    """A private copy of the learned run inside this test's data dir (same name, 'facts')."""
+    import shutil
+
+    from engine.rundir import RunDir
+
+    target = data_dir / "runs" / learned_run.path.name
+    shutil.copytree(learned_run.path, target, ignore=shutil.ignore_patterns("checkpoint-*"))
+    return RunDir(target)

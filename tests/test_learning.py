@@ -4,9 +4,6 @@ base model cannot know."""
 import pytest
 
 from engine.chat import ChatModel
-from engine.config import load_recipe
-from engine.runner import create_run
-from engine.train import run_training
 from facts import FACTS
 
 
@@ -26,14 +23,13 @@ def correct(answers: dict[str, str]) -> int:
 
 
 @pytest.mark.slow
-def test_tuned_model_learns_facts_the_base_model_does_not_know(data_dir, facts_file, embedded_model):
+def test_tuned_model_learns_facts_the_base_model_does_not_know(learned_run):
     for fact in FACTS:
         assert not set(fact["held_out"]) & set(fact["train"]), "held-out questions must be new"
     base_answers = ask_all(ChatModel(base_model="embedded"))
 
-    cfg = load_recipe("quick-test", data_path=str(facts_file))
-    run = create_run(cfg, name="facts")
-    assert run_training(str(run.path)) == "finished"
+    run = learned_run  # the quick-test recipe, trained once per session (conftest)
+    assert run.read_status()["state"] == "finished"
 
     metrics = run.read_metrics()
     losses = [m["loss"] for m in metrics if m.get("loss") is not None]
