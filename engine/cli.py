@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--vram-gb", type=float, help="check the memory plan against this much free "
                        "GPU memory instead of the detected amount")
     _add_planner_commands(commands)
+    _add_export_command(commands)
 
     chat = commands.add_parser("chat", help="ask a tuned run (or a base model) one question")
     chat.add_argument("run_dir", nargs="?", help="a finished or stopped run directory")
@@ -393,6 +394,52 @@ def cmd_resume(args) -> int:
     return cmd_train(args)
 
 
+# --- export: the run's result for other programs (engine/export.py, engine/export_jobs.py) ------
+
+def _add_export_command(commands) -> None:
+    from engine.export import KINDS
+
+    export = commands.add_parser(
+        "export", help="export a run: its adapter (zip), a merged 16-bit model, or GGUF",
+        description="Writes RUN_DIR/exports/<format>-<time>/, complete or not at all. A Hub token "
+        "for --push comes from the HF_TOKEN variable, --token-file, or `hf auth login`; there is "
+        "deliberately no flag for the token itself, which would land in your shell history.")
+    export.add_argument("run_dir", help="a finished or stopped run directory (holds adapter/)")
+    export.add_argument("--format", required=True, choices=list(KINDS),
+                        help="; ".join(f"{kind}: {what}" for kind, what in KINDS.items()))
+    export.add_argument("--gguf-type", default="q8_0", help="GGUF weight type: q8_0 (default), "
+                        "f16, bf16, or q4_k_m and q5_k_m where llama.cpp's quantizer is installed")
+    export.add_argument("--push", metavar="REPO_ID", help="then upload it to this Hugging Face "
+                        "model repository (e.g. your-name/my-model), private unless --public")
+    export.add_argument("--public", action="store_true", help="make a new --push repository public")
+    export.add_argument("--token-file", help="a file holding the Hugging Face token for --push")
+    export.add_argument("--job", help=argparse.SUPPRESS)  # the job file of a background export
+
+
+def cmd_export(args) -> int:
+    from engine.export import ExportError
+    from engine.export_jobs import export_and_push
+    from engine.rundir import RunDir
+
+    run = RunDir(args.run_dir)
+    if not run.is_run():
+        raise CliError(f"{args.run_dir} has no config.yaml: it is not a run directory")
+    token = None
+    if args.token_file:
+        try:
+            token = Path(args.token_file).expanduser().read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise CliError(f"cannot read the token file {args.token_file}: {exc.strerror}") from None
+    try:
+        result = export_and_push(run, args.format, args.gguf_type, args.push or "", token,
+                                 private=not args.public, job=Path(args.job) if args.job else None,
+                                 echo=lambda line: print(line, flush=True))
+    except ExportError as exc:
+        raise CliError(str(exc)) from None
+    print(result)
+    return 0
+
+
 COMMANDS = {"hardware": cmd_hardware, "data": cmd_data, "train": cmd_train, "chat": cmd_chat,
             "plan": cmd_plan, "recommend": cmd_recommend,
-            "resume": cmd_resume}
+            "resume": cmd_resume, "export": cmd_export}

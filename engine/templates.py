@@ -9,6 +9,8 @@ exactly the same string.
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 
 IGNORE_INDEX = -100  # label value that PyTorch's cross-entropy skips
@@ -216,3 +218,43 @@ def pack(token_lists, block_size: int) -> list[dict]:
     if current:
         blocks.append(current)
     return [{"input_ids": b, "attention_mask": [1] * len(b), "labels": list(b)} for b in blocks]
+
+
+def jinja_chat_template(name: str, bos_token: bool = False) -> str:
+    """A Jinja chat template (as transformers, llama.cpp and Ollama's importers read them) that
+    renders exactly what Template(name).render() renders, so a merged or exported model prompted
+    with `apply_chat_template` sees the text it was trained on. bos_token: begin with BOS, for
+    tokenizers that add it to every text (apply_chat_template adds no special tokens itself).
+
+    Every literal is a quoted Jinja string and every tag trims the whitespace around it, so the
+    environment's trim_blocks/lstrip_blocks settings cannot change the output."""
+    spec = TEMPLATES.get(name)
+    if spec is None or spec.chat_template:
+        raise TemplateError(f"'{name}' is not a text template: use {_text_templates()}")
+
+    def text(value: str) -> str:
+        return "{{ " + json.dumps(value) + " }}" if value else ""
+
+    def turn(fmt: str) -> str:
+        """A turn's format string as one Jinja expression: its literals, the message, EOS."""
+        fields = {"{content}": "message['content']", "{eos}": "eos_token"}
+        parts = [fields.get(part) or json.dumps(part)
+                 for part in re.split(r"(\{content\}|\{eos\})", fmt) if part]
+        return " ~ ".join(parts) or '""'
+
+    # `first` in Template.render is "nothing written yet"; a namespace carries it through the loop.
+    return (
+        "{%- set state = namespace(empty=true) -%}" + ("{{- bos_token -}}" if bos_token else "")
+        + "{%- for message in messages -%}"
+        + "{%- if message['role'] == 'system' -%}{%- set turn = " + turn(spec.system) + " -%}"
+        + "{%- elif message['role'] == 'user' -%}{%- set turn = " + turn(spec.user) + " -%}"
+        + "{%- elif message['role'] == 'assistant' -%}"
+        + "{%- set turn = " + turn(spec.assistant) + " -%}"
+        + "{%- else -%}{{- raise_exception('unknown role ' ~ message['role'] ~ ': use system, user "
+          "or assistant') -}}{%- endif -%}"
+        + "{%- if state.empty and message['role'] != 'system' -%}" + text(spec.preamble)
+        + "{%- endif -%}{{- turn -}}{%- if turn -%}{%- set state.empty = false -%}{%- endif -%}"
+        + "{%- endfor -%}"
+        + "{%- if add_generation_prompt -%}{%- if state.empty -%}" + text(spec.preamble)
+        + "{%- endif -%}" + text(spec.generation_prompt) + "{%- endif -%}"
+    )

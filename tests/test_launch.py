@@ -231,6 +231,7 @@ class FakeSetup:
         self.launch = launch
         self.steps = []
         self.args = {}
+        self.envs = {}
         self.uninstalls = 0
         self.fail_step = None
         self.torch = "torch==2.13.0+cpu"
@@ -251,11 +252,12 @@ class FakeSetup:
         monkeypatch.setattr(launch, "pip", self.pip)
         monkeypatch.setattr(launch.subprocess, "call", self.call)
 
-    def pip(self, python, step, *args):
+    def pip(self, python, step, *args, env=None):
         if step == self.fail_step:
             raise self.launch.SetupError(f"Setup failed while installing {step}")
         self.steps.append(step)
         self.args[step] = list(args)
+        self.envs[step] = env
 
     def call(self, cmd, **kwargs):
         assert cmd[1:] == ["-m", "pip", "uninstall", "-y", "torch"], cmd
@@ -271,6 +273,7 @@ class FakeSetup:
 
 APP_STEPS = ["PyTorch", "the requirements", "the embedded model"]
 TEST_STEPS = APP_STEPS + ["the test tools"]
+LLAMA_CPP = "llama.cpp for the GGUF tests (compiled from source: a few minutes)"
 
 
 @pytest.fixture
@@ -305,7 +308,7 @@ def test_new_python_or_setup_version_reinstalls(fake, monkeypatch, change):
 
 def test_test_mode_adds_the_dev_tools_and_app_mode_then_skips(fake):
     fake.setup(test=False)
-    assert fake.setup(test=True) == TEST_STEPS  # dev tools were never installed
+    assert fake.setup(test=True) == TEST_STEPS + [LLAMA_CPP]  # dev tools were never installed
     assert fake.setup(test=False) == []  # a test setup covers the app
     assert fake.setup(test=True) == []
 
@@ -367,6 +370,36 @@ def test_failed_step_leaves_no_stamp_so_the_next_run_retries(fake):
     assert not fake.launch.STAMP.exists()
     fake.fail_step = None
     assert fake.setup() == APP_STEPS
+
+
+def test_test_setup_builds_a_small_llama_cpp_once(fake, monkeypatch):
+    monkeypatch.setenv("CMAKE_ARGS", "-DGGML_CUDA=on")
+    assert fake.setup(test=True) == TEST_STEPS + [LLAMA_CPP]
+    assert fake.args[LLAMA_CPP] == ["llama-cpp-python==0.3.36"]
+    cmake_args = fake.envs[LLAMA_CPP]["CMAKE_ARGS"].split()
+    assert "-DLLAVA_BUILD=OFF" in cmake_args and "-DLLAMA_BUILD_TOOLS=OFF" in cmake_args
+    assert cmake_args[-1] == "-DGGML_CUDA=on"  # a person's own switches come last, so they win
+    assert int(fake.envs[LLAMA_CPP]["CMAKE_BUILD_PARALLEL_LEVEL"]) >= 1
+    assert fake.setup(test=True) == []
+    (fake.root / "requirements-dev.txt").write_text("pytest==9.3.0\n")
+    assert fake.setup(test=True) == TEST_STEPS  # pip -r leaves the built llama.cpp alone
+    monkeypatch.setattr(fake.launch, "LLAMA_CPP", "llama-cpp-python==0.3.40")
+    assert fake.setup(test=True) == [LLAMA_CPP]  # a new pin: built again
+    assert fake.setup(test=False) == []  # the app never needs it
+
+
+def test_failed_llama_cpp_build_goes_on_and_is_retried_with_a_new_compiler(fake, monkeypatch,
+                                                                            capsys):
+    monkeypatch.setattr(fake.launch, "cxx_compiler", lambda: None)
+    fake.fail_step = LLAMA_CPP
+    assert fake.setup(test=True) == TEST_STEPS  # no exception: the tests skip instead
+    assert "could not be built" in capsys.readouterr().err
+    assert fake.launch.STAMP.exists()
+    fake.fail_step = None
+    assert fake.setup(test=True) == []  # still no compiler: not tried at every launch
+    monkeypatch.setattr(fake.launch, "cxx_compiler", lambda: "/usr/bin/c++")
+    assert fake.setup(test=True) == [LLAMA_CPP]  # a compiler was installed: tried again
+    assert fake.setup(test=True) == []
 
 
 def test_pip_failure_is_one_line_and_exit_1(monkeypatch, launch, capsys):
