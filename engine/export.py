@@ -273,7 +273,7 @@ def write_merged(run: RunDir, dest: Path, progress: Progress) -> Path:
     progress(0.1, f"loading the base model {info.get('base_model')} in {label}")
     # On the CPU: the 16-bit model may not fit the GPU (a 7B one is 14 GB), the GPU may be busy
     # training, and merging is one small matrix product per layer.
-    with models._explained(source), transformers_bar("Loading weights", _Span(progress, 0.1, 0.5,
+    with models.explained(source), transformers_bar("Loading weights", _Span(progress, 0.1, 0.5,
                                                      f"loading the base model in {label}")):
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, device_map={"": "cpu"}, trust_remote_code=trust,

@@ -51,7 +51,7 @@ def start_export(run: RunDir, kind: str, gguf_type: str = "q8_0", push_repo: str
                  token: str | None = None, private: bool = True) -> str:
     """Check the request, then start the export in a process of its own; returns the job's name
     (also the export folder's, once complete). Refused while another export of the run runs."""
-    from engine.runner import _detached_popen_kwargs  # the Windows-safe way to outlive the UI
+    from engine.runner import detached_popen_kwargs  # the Windows-safe way to outlive the UI
 
     run = RunDir(Path(run.path).resolve())
     check_request(run, kind, gguf_type)
@@ -78,7 +78,7 @@ def start_export(run: RunDir, kind: str, gguf_type: str = "q8_0", push_repo: str
         with open(job.with_name(f"{name}.log"), "ab") as log:
             process = subprocess.Popen(command, cwd=PROJECT_DIR, env=env, stdout=log,
                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       **_detached_popen_kwargs())
+                                       **detached_popen_kwargs())
         try:
             update_job(job, pid=process.pid, pid_created=process_created(process.pid))
         except Exception:  # noqa: BLE001 - it ended before we could see it: export_jobs says why

@@ -107,7 +107,7 @@ def _fetch(source: str, revision: str | None, patterns: list[str], progress,
     from tqdm.auto import tqdm
 
     where = {"local_dir": local_dir} if local_dir else {}
-    with _explained(source):
+    with explained(source):
         try:  # a dry run lists the files with their sizes: the total is known before the first byte
             files = snapshot_download(source, revision=revision, allow_patterns=patterns,
                                       ignore_patterns=SKIP_PATTERNS, dry_run=True, **where)
@@ -419,7 +419,7 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     # the converted copy where it is made; before that the tokenizer files at the Hub revision, so
     # that showing a tokenizer never waits on a 12 GB download
     source = _converted_copy(source)
-    with _explained(source):
+    with explained(source):
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
                                                   revision=hub_revision(source))
     if tokenizer.pad_token is None:
@@ -442,7 +442,7 @@ def load_quantized_model(source: str, quant_type: str, double_quant: bool, dtype
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=dtype,
     )
-    with _explained(source):
+    with explained(source):
         return AutoModelForCausalLM.from_pretrained(
             source,
             quantization_config=quantization,
@@ -461,7 +461,7 @@ def _warn_remote_code(source: str, trust_remote_code: bool) -> None:
                     source)
 
 
-class _explained:
+class explained:
     """Turn the Hub's and transformers' loading errors into one sentence a hobbyist can act on."""
 
     def __init__(self, source: str):

@@ -154,7 +154,7 @@ def _new_launch(run: RunDir, **fields) -> None:
 
 # --- the training process ---------------------------------------------------------------------
 
-def _detached_popen_kwargs() -> dict:
+def detached_popen_kwargs() -> dict:
     """Popen arguments that let the training process outlive the UI: Ctrl-C on the UI, or its
     closed console window, must not reach it (it stops through stop.request, never a signal)."""
     if sys.platform != "win32":
@@ -187,7 +187,7 @@ def spawn(run: RunDir, resume: bool = False, predecessor: int | None = None) -> 
             process = subprocess.Popen(
                 command, cwd=PROJECT_DIR, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                **_detached_popen_kwargs(),  # survives the UI: Ctrl-C on it does not reach it
+                **detached_popen_kwargs(),  # survives the UI: Ctrl-C on it does not reach it
             )
     except OSError as exc:
         _record_failure(run, f"the training process could not be started: {exc}")

@@ -17,7 +17,7 @@ from transformers import Trainer
 
 from engine import checkpoints, runner
 from engine.config import RunConfig, load_recipe
-from engine.models import ModelError, _explained
+from engine.models import ModelError, explained
 from engine.rundir import process_created
 from engine.runner import create_run, queued_runs, start_run
 from engine.faults import disk_message, is_disk_problem
@@ -296,7 +296,7 @@ def hub_error(kind, status: int):
 ])
 def test_hub_errors_are_explained(error, words):
     with pytest.raises(ModelError) as caught:
-        with _explained("org/name"):
+        with explained("org/name"):
             raise error
     for word in words:
         assert word in str(caught.value)

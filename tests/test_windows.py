@@ -160,12 +160,12 @@ def test_windows_training_process_gets_its_own_hidden_console_and_process_group(
     # The real values from Windows' headers; Linux's subprocess module lacks them.
     monkeypatch.setattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0x00000200, raising=False)
     monkeypatch.setattr(subprocess, "CREATE_NO_WINDOW", 0x08000000, raising=False)
-    assert runner._detached_popen_kwargs() == {"creationflags": 0x08000200}
+    assert runner.detached_popen_kwargs() == {"creationflags": 0x08000200}
 
 
 def test_posix_training_process_gets_its_own_session(monkeypatch):
     monkeypatch.setattr(sys, "platform", "linux")
-    assert runner._detached_popen_kwargs() == {"start_new_session": True}
+    assert runner.detached_popen_kwargs() == {"start_new_session": True}
 
 
 def test_spawn_uses_windows_flags_not_posix_sessions(tmp_path, monkeypatch, windows, data_dir):
