@@ -8,6 +8,7 @@ its job file every second, so a reload or a restarted UI shows it again.
 from __future__ import annotations
 
 import html
+import re
 from pathlib import Path
 
 import gradio as gr
@@ -67,6 +68,15 @@ def start(run_name, kind, gguf_type, repo, token, private):
     return f"Export {name} started.", "", gr.Timer(active=True)
 
 
+def start_and_show(run_name, kind, gguf_type, repo, token, private):
+    """Start, then show the export it started. A refusal stays on screen with the view as it
+    was: showing the run's latest export would replace the sentence before anyone read it."""
+    message, token, timer = start(run_name, kind, gguf_type, repo, token, private)
+    if not timer.active:
+        return (token, message) + (gr.update(),) * 5
+    return (token, *show(run_name))
+
+
 def show(run_name):
     """The run's latest export: progress bar, message, files, download, Ollama command; the timer
     keeps ticking only while it runs."""
@@ -104,10 +114,16 @@ def show(run_name):
 
 
 def _files(folder: Path, notes: list[str]) -> str:
-    rows = "".join(f"<li><code>{html.escape(p.name)}</code> ({p.stat().st_size / 1e6:,.1f} MB)</li>"
+    rows = "".join(f"<li><code>{html.escape(p.name)}</code> ({_size(p.stat().st_size)})</li>"
                    for p in sorted(folder.iterdir()) if p.is_file())
-    said = "".join(f"<p>{html.escape(note)}</p>" for note in notes)
+    # The engine's notes mark commands `like this`, for a terminal; here they become code
+    said = "".join("<p>" + re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(note)) + "</p>"
+                   for note in notes)
     return f"<p>In <code>{html.escape(str(folder))}</code>:</p><ul>{rows}</ul>{said}"
+
+
+def _size(count: int) -> str:
+    return f"{count / 1e6:,.1f} MB" if count >= 100_000 else f"{count / 1e3:,.1f} kB"
 
 
 def _earlier(exports: list[Path], shown: Path | None) -> str:
@@ -160,9 +176,8 @@ def build() -> dict:
 
     view = [message, progress, result, download, command, timer]
     kind.change(on_kind, kind, [gguf_type, gguf_note], api_name=False)
-    start_button.click(start, [run, kind, gguf_type, repo, token, private],
-                       [message, token, timer], api_name="start_export") \
-        .then(show, run, view, api_name=False)
+    start_button.click(start_and_show, [run, kind, gguf_type, repo, token, private],
+                       [token, *view], api_name="start_export")
     run.change(show, run, view, api_name=False)
     timer.tick(show, run, view, api_name=False, show_progress="hidden")
     refresh.click(refresh_runs, run, run, api_name=False)

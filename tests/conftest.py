@@ -81,7 +81,7 @@ def learned_run(tmp_path_factory, embedded_model):
 
         from engine.rundir import RunDir
 
-        target = root / "data" / "runs" / "facts"
+        target = root / "data" / "runs" / Path(reuse).resolve().name  # dated, as create_run names it
         shutil.copytree(reuse, target, ignore=shutil.ignore_patterns("checkpoint-*"))
         return RunDir(target)
     before = os.environ.get("QLS_DATA_DIR")

@@ -47,9 +47,9 @@ def test_adapter_zip_loads_with_plain_peft(copy_run, embedded_model, tmp_path):
     folder = export(copy_run, "adapter", lambda fraction, message: steps.append(fraction))
     assert re.fullmatch(r"adapter-\d{8}-\d{6}", folder.name) and list_exports(copy_run) == [folder]
     assert steps == sorted(steps) and steps[-1] == 1.0
-    with zipfile.ZipFile(folder / "facts-adapter.zip") as archive:
+    with zipfile.ZipFile(folder / f"{copy_run.name}-adapter.zip") as archive:
         archive.extractall(tmp_path / "unzipped")
-    unzipped = tmp_path / "unzipped" / "facts-adapter"
+    unzipped = tmp_path / "unzipped" / f"{copy_run.name}-adapter"
     assert {"adapter_config.json", "adapter_model.safetensors", "prompt_template.json",
             "tokenizer.json"} <= {p.name for p in unzipped.iterdir()}
 
@@ -235,7 +235,7 @@ def test_one_export_per_run_at_a_time(copy_run):
     holder.start()
     held.wait(60)
     try:
-        with pytest.raises(ExportError, match="another export of run facts is under way"):
+        with pytest.raises(ExportError, match=f"another export of run {copy_run.name} is under way"):
             export(copy_run, "adapter")
         with pytest.raises(ExportError, match="under way"):
             start_export(copy_run, "adapter")
@@ -253,7 +253,7 @@ def test_a_background_export_reports_progress_and_a_dead_one_reads_as_failed(cop
     assert job["state"] == "finished", job
     assert job["fraction"] == 1.0
     assert job["result"] == str(copy_run.path.resolve() / "exports" / name)
-    assert job["files"] == ["facts-adapter.zip"]
+    assert job["files"] == [f"{copy_run.name}-adapter.zip"]
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
@@ -342,20 +342,21 @@ def test_the_export_tab_starts_an_export_and_shows_its_download(copy_run, monkey
     from app import export_tab
     from engine import gguf_export
 
-    assert export_tab.run_choices() == [("facts (finished)", "facts")]
-    message, token, timer = export_tab.start("facts", "adapter", "q8_0", "", "", True)
+    name = copy_run.name
+    assert export_tab.run_choices() == [(f"{name} (finished)", name)]
+    message, token, timer = export_tab.start(name, "adapter", "q8_0", "", "", True)
     assert message.startswith("Export adapter-") and token == ""
     deadline = time.monotonic() + 600
     while True:
-        text, bar, files, download, command, timer = export_tab.show("facts")
+        text, bar, files, download, command, timer = export_tab.show(name)
         if not timer.active or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert "is complete" in text and "<b>100%</b>" in bar and "facts-adapter.zip" in files
-    assert download["visible"] and download["value"].endswith("facts-adapter.zip")
+    assert "is complete" in text and "<b>100%</b>" in bar and f"{name}-adapter.zip" in files
+    assert download["visible"] and download["value"].endswith(f"{name}-adapter.zip")
     assert not command["visible"]  # no Modelfile in an adapter export
 
-    refused, _, timer = export_tab.start("facts", "gguf", "q9_9", "", FAKE_TOKEN, True)
+    refused, _, timer = export_tab.start(name, "gguf", "q9_9", "", FAKE_TOKEN, True)
     assert refused.startswith("⚠️ ") and "Unknown GGUF type" in refused and not timer.active
     refused, _, _ = export_tab.start("gone", "adapter", "q8_0", "", "", True)
     assert refused.startswith("⚠️ ") and "not found" in refused

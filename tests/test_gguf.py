@@ -368,18 +368,19 @@ def test_learned_run_answers_in_llama_cpp_through_its_modelfile(learned_run, tmp
     dest.mkdir()
     seen = []
     notes = export_gguf(learned_run, dest, "q8_0", lambda fraction, message: seen.append(fraction))
-    assert sorted(p.name for p in dest.iterdir()) == ["Modelfile", "facts-q8_0.gguf"]
+    gguf_file = dest / f"{learned_run.name}-q8_0.gguf"
+    assert {p.name for p in dest.iterdir()} == {"Modelfile", gguf_file.name}
     assert seen == sorted(seen) and seen[-1] > 0.9
-    assert any("ollama create facts -f Modelfile" in note for note in notes)
+    assert any(f"ollama create {ollama_name(learned_run.name)} -f Modelfile" in note for note in notes)
     modelfile = (dest / "Modelfile").read_text()
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(learned_run.adapter_dir)
     template = get_template(adapter_info(learned_run)["template"], tokenizer)
-    reader = gguf.GGUFReader(dest / "facts-q8_0.gguf")
+    reader = gguf.GGUFReader(gguf_file)
     assert field(reader, "tokenizer.ggml.eos_token_id") == tokenizer.eos_token_id
     assert field(reader, "tokenizer.chat_template")  # the run's format, for llama.cpp and LM Studio
-    llm = llama_cpp.Llama(str(dest / "facts-q8_0.gguf"), n_ctx=256, verbose=False)
+    llm = llama_cpp.Llama(str(gguf_file), n_ctx=256, verbose=False)
     answers = {}
     try:
         for fact in FACTS:
@@ -408,7 +409,7 @@ def test_transformers_reads_the_exported_run_like_the_merged_model(learned_run, 
     tokenizer = AutoTokenizer.from_pretrained(learned_run.adapter_dir)
     ids = [tokenizer("### Human: What is the capital of Veloria?### Assistant:")["input_ids"]]
     merged_model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
-    read = AutoModelForCausalLM.from_pretrained(dest, gguf_file="facts-bf16.gguf",
+    read = AutoModelForCausalLM.from_pretrained(dest, gguf_file=f"{learned_run.name}-bf16.gguf",
                                                 dtype=torch.float32)
     with torch.no_grad():
         expected = merged_model(torch.tensor(ids)).logits[0]
