@@ -215,17 +215,10 @@ def export_gguf(run, dest: Path, gguf_type: str, progress: Progress | None = Non
 
 def _base_model_type(info: dict) -> str | None:
     """The base model's model_type, where the catalog or its folder tells without loading it."""
-    from engine.catalog import CatalogError
-    from engine.planner import model_shape
+    from engine.export import base_shape
 
-    for name in (info.get("base_model"), info.get("base_source")):
-        try:
-            shape = model_shape(name or "")
-        except CatalogError:
-            continue
-        if shape is not None:
-            return shape.arch
-    return None
+    shape = base_shape(info)
+    return shape.arch if shape is not None else None
 
 
 def _sixteen_bit_type(model_dir: Path) -> str:

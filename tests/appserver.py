@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -81,3 +83,35 @@ def kill_training_processes(data_dir: Path) -> None:
             os.killpg(pid, signal.SIGKILL)
         except (OSError, ValueError, psutil.Error):
             pass
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Without the background-networking flags chromium keeps dialing Google on a closed network.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@contextmanager
+def app_page(url: str, tab: str | None = None, init_script: str | None = None):
+    """A page of the app in headless chromium (Playwright), on the given tab, with init_script
+    run in it before the app's own; the test skips, saying so, where no chromium is installed."""
+    import pytest
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("no chromium: install Debian's chromium package (.ci/run does)")
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            if init_script:
+                page.add_init_script(init_script)
+            page.set_default_timeout(60_000)
+            expect.set_options(timeout=60_000)  # a busy 2-core host is slow
+            page.goto(url)
+            if tab:
+                page.get_by_role("tab", name=tab).click()
+            yield page
+        finally:
+            browser.close()

@@ -9,21 +9,16 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from appserver import AppServer
+from appserver import AppServer, app_page
 from engine.rundir import RunDir
 from facts import FACTS
 from progress import wait_for
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-# Without the background-networking flags chromium keeps dialing Google on a closed network.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
@@ -172,9 +167,7 @@ window.Notification = class {
 @pytest.mark.slow
 @pytest.mark.browser
 def test_browser_upload_train_reload_and_chat(app, facts_file):
-    if not os.path.exists(CHROMIUM):
-        pytest.skip("no chromium: install Debian's chromium package (.ci/run does)")
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     shots = os.environ.get("QLS_SCREENSHOTS")
 
@@ -183,14 +176,7 @@ def test_browser_upload_train_reload_and_chat(app, facts_file):
             Path(shots).mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(Path(shots) / f"{name}.png"), full_page=True)
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.add_init_script(FAKE_NOTIFICATIONS)
-        page.set_default_timeout(60_000)
-        # expect() has its own 5 s default, too short for a busy 2-core host.
-        expect.set_options(timeout=60_000)
-        page.goto(app.url)
+    with app_page(app.url, init_script=FAKE_NOTIFICATIONS) as page:
         expect(page.locator("#hardware-info")).to_contain_text("CPU")
         screenshot(page, "hardware")
 
@@ -267,4 +253,3 @@ def test_browser_upload_train_reload_and_chat(app, facts_file):
         expect(page.locator("#runs-table")).to_contain_text("stopped")
         expect(page.locator("#runs-table")).to_contain_text("finished")  # refreshed on opening
         screenshot(page, "runs")
-        browser.close()

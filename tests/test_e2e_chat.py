@@ -10,9 +10,8 @@ import shutil
 
 import pytest
 
-from appserver import AppServer
+from appserver import AppServer, app_page
 from facts import FACTS
-from test_e2e import CHROMIUM, CHROMIUM_ARGS
 
 
 @pytest.fixture(scope="module")
@@ -29,18 +28,10 @@ def app(tmp_path_factory, learned_run):
 @pytest.mark.slow
 @pytest.mark.browser
 def test_side_by_side_shows_the_base_without_the_fact_and_the_tuned_model_with_it(app):
-    if not os.path.exists(CHROMIUM):
-        pytest.skip("no chromium: install Debian's chromium package (.ci/run does)")
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     fact = FACTS[0]
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.set_default_timeout(60_000)
-        expect.set_options(timeout=60_000)  # a busy 2-core host is slow
-        page.goto(app.url)
-        page.get_by_role("tab", name="Chat").click()
+    with app_page(app.url, "Chat") as page:
         expect(page.locator("#chat-target input")).to_have_value(re.compile("facts"))
         expect(page.locator("#chat-side-by-side input")).to_be_checked()
         base, tuned = page.locator("#chatbot-base"), page.locator("#chatbot")
@@ -72,4 +63,3 @@ def test_side_by_side_shows_the_base_without_the_fact_and_the_tuned_model_with_i
         page.locator("#chat-clear").click()
         expect(base.locator("[data-testid=bot]")).to_have_count(0)
         expect(tuned.locator("[data-testid=bot]")).to_have_count(0)
-        browser.close()

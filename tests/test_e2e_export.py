@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from appserver import AppServer
+from appserver import AppServer, app_page
 from engine.rundir import process_alive
 from progress import wait_while_moving
-from test_e2e import CHROMIUM, CHROMIUM_ARGS
 
 GGUF_LABEL = "GGUF: llama.cpp, Ollama, LM Studio"
 FOLDER = re.compile(r"^gguf-\d{8}-\d{6}$")
@@ -52,20 +51,11 @@ def kill_export_processes(runs: Path) -> None:
 
 @pytest.fixture
 def export_page(app):
-    if not os.path.exists(CHROMIUM):
-        pytest.skip("no chromium: install Debian's chromium package (.ci/run does)")
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.set_default_timeout(60_000)
-        expect.set_options(timeout=60_000)  # a busy 2-core host is slow
-        page.goto(app.url)
-        page.get_by_role("tab", name="Export").click()
+    with app_page(app.url, "Export") as page:
         expect(page.locator("#export-run input")).to_have_value(re.compile(r"^facts"))
         yield page
-        browser.close()
 
 
 def choose_run(page, name: str) -> None:
