@@ -16,6 +16,7 @@ from engine.chat import GpuBusyError, load_shared, unload_shared_report  # torch
 from engine.runner import get_run, list_runs
 
 BASE = "__base__"
+STOPPED = " ⏹ (stopped)"  # ends an answer cut short by Stop; the model never sees it
 WARNING = "⚠️"  # starts every message that is not a model's answer (as in_words writes them);
 # such a message is never sent back to a model
 log = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ def converse(message, base_history, history, target, side_by_side, system, tempe
             for partial in model.stream(question, tuned=tuned, stop=stop, **settings):
                 column[-1]["content"] = partial
                 yield "", base_history, history
+            if stop.is_set():
+                column[-1]["content"] += STOPPED
         except Exception as exc:  # noqa: BLE001 - every failure is a sentence in the chat
             column[-1]["content"] = _in_words(exc)
     yield "", base_history, history
@@ -112,7 +115,7 @@ def _messages(system: str, history: list) -> list[dict]:
             if turns and turns[-1]["role"] == "user":
                 turns.pop()
             continue
-        turns.append({"role": message["role"], "content": content})
+        turns.append({"role": message["role"], "content": content.removesuffix(STOPPED)})
     if (system or "").strip():
         turns.insert(0, {"role": "system", "content": system.strip()})
     return turns

@@ -181,6 +181,12 @@ def test_stop_really_ends_generation(held):
         hook.remove()
 
 
+def test_an_answer_cut_short_says_so_and_the_model_never_sees_the_mark():
+    history = [{"role": "user", "content": "Tell a story."},
+               {"role": "assistant", "content": "Once upon" + chat_tab.STOPPED}]
+    assert chat_tab._messages("", history)[-1] == {"role": "assistant", "content": "Once upon"}
+
+
 # --- swapping adapters ----------------------------------------------------------------------
 
 @pytest.mark.slow
