@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from app.errors import EXPECTED, in_words
-from engine import catalog, planner
+from engine import catalog, hardware, planner, planner_multi
 from engine.hardware import cpu_dtype_note, detect
 from engine.paths import data_dir
 
@@ -24,8 +24,10 @@ def model_choices(free_vram_gb: float | None, picks: list) -> tuple[list[tuple[s
     return choices, (picks[0].model.id if picks else "embedded")
 
 
-def recommendation_markdown(free_vram_gb: float | None, picks: list) -> str:
-    """The ranked list a person reads: what fits, at which length and micro-batch, and why."""
+def recommendation_markdown(free_vram_gb: float | None, picks: list,
+                            free_per_gpu: list[float] = ()) -> str:
+    """The ranked list a person reads: what fits, at which length and micro-batch, and why;
+    with 2+ GPUs (free GB of each), what 1..N of them give."""
     if free_vram_gb is None:
         return "### Recommended\n- **embedded**: no GPU, so the small offline model trains on the CPU."
     lines = [f"### Recommended for {free_vram_gb:.1f} GB free (LoRA r=16, 10% headroom kept)"]
@@ -33,6 +35,32 @@ def recommendation_markdown(free_vram_gb: float | None, picks: list) -> str:
               f"{download_note(pick.model)})" for rank, pick in enumerate(picks[:10], start=1)]
     if not picks:
         lines.append("- Nothing in the catalog fits at 1024 tokens: free GPU memory, or train on the CPU.")
+    if len(free_per_gpu) >= 2:
+        lines.append(several_gpus_markdown(free_per_gpu))
+    return "\n".join(lines)
+
+
+def several_gpus_markdown(free_per_gpu: list[float]) -> str:
+    """What 1..N GPUs give: the largest model each count trains, how it is split, and why."""
+    free = sorted(free_per_gpu, reverse=True)
+    lines = ["### With several GPUs (largest model at 1024 tokens, LoRA r=16, 10% headroom kept)"]
+    for count, layout in enumerate(planner_multi.largest_fits(free), start=1):
+        gpus = f"{count} GPU{'s' if count > 1 else ''}"
+        where = f"{free[count - 1]:.1f} GB free" + (" or more on each" if count > 1 else "")
+        if layout is None:
+            lines.append(f"- **{gpus}** ({where}): nothing in the catalog fits")
+            continue
+        plan = layout.per_gpu
+        line = f"- **{gpus}** ({where}): **{plan.name}**, {plan.total_gb:.1f} GB"
+        if count > 1:
+            line += f" per GPU with {layout.label}"
+            if layout.cpu_ram_gb:
+                line += f" ({layout.cpu_ram_gb:.0f} GB of CPU RAM)"
+            line += f": {layout.why}; {layout.how}"
+        lines.append(line)
+    lines.append(f"- A model that fits one GPU trains on {len(free)} with DDP: each GPU holds a "
+                 f"whole copy, up to {len(free)}x the tokens/s; one that does not is sharded with "
+                 "FSDP-QLoRA, which fits more but passes the weights between the GPUs every step")
     return "\n".join(lines)
 
 
@@ -60,7 +88,8 @@ def hardware_markdown() -> str:
                              "another model): free VRAM is what counts")
         if len(found.gpus) >= 2:
             lines.append("- A run trains on one GPU: the one with the most free memory (the "
-                         "recommendations below are for it), or the one you pick on the Train tab")
+                         "recommendations below are for it), or the one you pick on the Train tab; "
+                         "what several GPUs give follows the recommendations")
     else:
         lines.append(f"- **No GPU: CPU mode, tiny models only** ({found.gpu_note}). Training uses "
                      "plain AdamW (paged optimizers need CUDA).")
@@ -76,6 +105,11 @@ def free_vram() -> float | None:
     return planner.detected_vram()[0]
 
 
+def free_per_gpu() -> list[float]:
+    """Free GB of every GPU a run may use (CUDA_VISIBLE_DEVICES narrows them)."""
+    return [gpu.free_gb for gpu in hardware.visible_gpus(hardware.detect_gpus()[0])]
+
+
 def ranked_models() -> tuple[float | None, list]:
     """Free VRAM and the planner's picks for it: computed once, shown as a list and as choices."""
     free = free_vram()
@@ -87,7 +121,8 @@ def build() -> dict:
     choices, default = model_choices(free, picks)
     info = gr.Markdown(hardware_markdown(), elem_id="hardware-info")
     refresh = gr.Button("Refresh", size="sm")
-    ranked = gr.Markdown(recommendation_markdown(free, picks), elem_id="recommendations")
+    ranked = gr.Markdown(recommendation_markdown(free, picks, free_per_gpu()),
+                         elem_id="recommendations")
     gr.Markdown("### Base model\nModels that fit this machine come first (✓), each with the longest "
                 "sequence length that fits. The Train tab shows the memory plan of your settings.")
     model = gr.Dropdown(choices=choices, value=default, label="Base model", elem_id="model-choice")
@@ -105,10 +140,11 @@ def refreshed(current: str | None):
     try:
         free, picks = ranked_models()
         choices, default = model_choices(free, picks)
+        ranked = recommendation_markdown(free, picks, free_per_gpu())
     except EXPECTED as exc:
         return info, in_words(exc), gr.skip()
     values = [value for _, value in choices]
-    return (info, recommendation_markdown(free, picks),
+    return (info, ranked,
             gr.update(choices=choices, value=current if current in values else default))
 
 

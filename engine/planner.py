@@ -42,6 +42,7 @@ Calibration (tests/test_planner.py holds each within the tolerance named there):
   LoRA rank 8 without dropout, chunked loss) is far enough from ours that we only check the same
   formula with its settings lands within 15%.
 Not yet measured on our engine: bench/memory.md says how (bench/gpu_check.py).
+Several GPUs (DDP, FSDP-QLoRA): engine/planner_multi.py, from memory_bytes' parts.
 """
 
 from __future__ import annotations
@@ -122,8 +123,23 @@ def lora_params(model: CatalogModel, r: int, modules: str = "all-linear") -> int
     return model.layers * r * (sum(attention.values()) + mlp)
 
 
-def plan(model: CatalogModel, max_seq_len: int = 512, micro_batch: int = 1, lora_r: int = 64,
-         vram_gb: float | None = None, stack: Stack = OUR_STACK, double_quant: bool = True) -> Plan:
+# The parts of a plan, in display order; engine/planner_multi.py shares some of them across GPUs.
+WEIGHTS = "4-bit weights"
+LORA = "LoRA weights + gradients"
+OPTIMIZER = "optimizer state"
+ACTIVATIONS = "activations (checkpointed)"
+LOGITS = "logits + loss"
+CONTEXT = "CUDA context + 4-bit dequant buffers"
+
+
+def unquantized_part(stack: Stack) -> str:
+    return f"{'fp32' if stack.upcast_fp32 else '16-bit'} embeddings, head, norms"
+
+
+def memory_bytes(model: CatalogModel, max_seq_len: int = 512, micro_batch: int = 1,
+                 lora_r: int = 64, stack: Stack = OUR_STACK, double_quant: bool = True
+                 ) -> dict[str, float]:
+    """What one GPU holds to train the whole model, in bytes per part (plan() rounds them to GB)."""
     tokens = max_seq_len * micro_batch
     wide = 4 if stack.upcast_fp32 else 2  # bytes of every unquantized parameter and the residual
     bits = NF4_DOUBLE_QUANT_BITS if double_quant else NF4_BITS
@@ -135,21 +151,35 @@ def plan(model: CatalogModel, max_seq_len: int = 512, micro_batch: int = 1, lora
         attention = micro_batch * model.heads * max_seq_len**2 * EAGER_ATTENTION_BYTES
     n_lora = lora_params(model, lora_r, stack.lora_modules)
     optimizer = n_lora * stack.optimizer_bytes
-    dequant = 2 * 2 * model.hidden * max(model.intermediate, model.heads * model.head_size)
-    parts = {
-        "4-bit weights": model.quantized_params * bits / 8,
-        f"{'fp32' if stack.upcast_fp32 else '16-bit'} embeddings, head, norms":
-            (model.embedding_params + model.other_params) * wide,
-        "LoRA weights + gradients": n_lora * stack.lora_bytes,
-        "optimizer state": optimizer if stack.optimizer_resident else 0.0,
-        "activations (checkpointed)": tokens * (model.layers * model.hidden * wide + layer) + attention,
-        "logits + loss": tokens * model.vocab * stack.logits_bytes + head_copy,
-        "CUDA context + 4-bit dequant buffers": CUDA_CONTEXT_GB * GIB + dequant,
+    return {
+        WEIGHTS: model.quantized_params * bits / 8,
+        unquantized_part(stack): (model.embedding_params + model.other_params) * wide,
+        LORA: n_lora * stack.lora_bytes,
+        OPTIMIZER: optimizer if stack.optimizer_resident else 0.0,
+        ACTIVATIONS: tokens * (model.layers * model.hidden * wide + layer) + attention,
+        LOGITS: tokens * model.vocab * stack.logits_bytes + head_copy,
+        CONTEXT: CUDA_CONTEXT_GB * GIB + dequant_buffer_bytes(model),
     }
+
+
+def dequant_buffer_bytes(model: CatalogModel) -> float:
+    """The largest weight dequantized to 16 bits for its matmul, and its gradient's twin."""
+    return 2 * 2 * model.hidden * max(model.intermediate, model.heads * model.head_size)
+
+
+def plan(model: CatalogModel, max_seq_len: int = 512, micro_batch: int = 1, lora_r: int = 64,
+         vram_gb: float | None = None, stack: Stack = OUR_STACK, double_quant: bool = True) -> Plan:
+    parts = memory_bytes(model, max_seq_len, micro_batch, lora_r, stack, double_quant)
+    return plan_from_parts(model, parts, max_seq_len, micro_batch, lora_r, vram_gb)
+
+
+def plan_from_parts(model: CatalogModel, parts: dict[str, float], max_seq_len: int,
+                    micro_batch: int, lora_r: int, vram_gb: float | None) -> Plan:
+    """A Plan from one GPU's parts in bytes: totals, what torch counts, whether it fits."""
     parts = {name: round(value / GIB, 3) for name, value in parts.items()}
     total = round(sum(parts.values()), 2)
     # paged optimizer state lives in CUDA managed memory, which torch's counters do not see
-    torch_gb = round(total - CUDA_CONTEXT_GB - parts["optimizer state"], 2)
+    torch_gb = round(total - CUDA_CONTEXT_GB - parts[OPTIMIZER], 2)
     fits = vram_gb is None or total <= vram_gb * SAFETY
     where = f" of {vram_gb:.0f} GB" if vram_gb is not None else ""
     why = f"{model.name}: {total:.1f} GB{where} at {max_seq_len} tokens"
