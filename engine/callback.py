@@ -13,6 +13,7 @@ import psutil
 from transformers import TrainerCallback
 
 from engine import checkpoints
+from engine.distributed import main_process_decides
 from engine.progress import NO_PROGRESS
 from engine.rundir import RunDir
 
@@ -51,9 +52,13 @@ class StudioCallback(TrainerCallback):
         elapsed = now - self.started
         done = max(state.global_step - self.first_step, 1)
         eta = elapsed / done * (state.max_steps - state.global_step)
-        if now - self.last_save >= self.save_every_s:
+        save_due = now - self.last_save >= self.save_every_s
+        # On several processes the main one's clock and stop.request decide for all of them:
+        # a process that stopped or saved a step before the others would leave them waiting.
+        stop, save_due = main_process_decides(self.run.stop_requested(), save_due)
+        if save_due:
             control.should_save = True  # a slow run still never loses more than save_minutes
-        if self.run.stop_requested() and not self.stop_seen:
+        if stop and not self.stop_seen:
             self.stop_seen = True
             control.should_training_stop = True
             control.should_save = True  # Trainer writes a checkpoint before it returns
@@ -95,6 +100,13 @@ class StudioCallback(TrainerCallback):
         took = self.last_save - (self.saving_since or self.last_save)
         self.saving_since = None
         params = [p for p in model.parameters() if p.requires_grad] if model is not None else []
+        if not state.is_world_process_zero:
+            # The main process wrote the checkpoint and judges it; NaN weights, the same in every
+            # process, must stop each of them at this step as they stop the main one.
+            if not all(bool(p.detach().isfinite().all()) for p in params) and not self.bad_loss:
+                self.bad_loss = f"the adapter weights became NaN/inf at step {state.global_step}"
+                control.should_training_stop = True
+            return
         problem = checkpoints.problem(path, params)
         if problem:
             # Never leave a checkpoint a resume could pick up that is broken or holds NaN weights.
@@ -119,9 +131,12 @@ class StudioCallback(TrainerCallback):
         loss = logs.get("loss")
         if not checkpoints.finite(loss) and not self.bad_loss:
             # Every later step would be NaN too, and a checkpoint now would keep broken weights.
+            # (The logged loss is the mean over all processes: each of them stops here.)
             self.bad_loss = f"the training loss became {loss} at step {state.global_step}"
             control.should_training_stop = True
             control.should_save = False
+        if not state.is_world_process_zero:
+            return  # one chart line per step, from the main process
         now = time.time()
         last_time, last_tokens = self.last_log
         tokens = state.num_input_tokens_seen

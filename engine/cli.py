@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_setting_flags(train)
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     train.add_argument("--background", action="store_true", help=argparse.SUPPRESS)
+    # one of a run's several processes, started by torchrun (engine/distributed.py)
+    train.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     train.add_argument("--vram-gb", type=float, help="check the memory plan against this much free "
                        "GPU memory instead of the detected amount")
     _add_planner_commands(commands)
@@ -155,6 +157,8 @@ def cmd_train(args) -> int:
     from engine import runner
     from engine.rundir import RunDir
 
+    if args.worker:
+        return _train_as_worker(args)
     if args.background:  # spawned by the job runner, which recorded this launch and pinned it
         run = RunDir(args.run_dir)
         cfg = RunConfig.load(run.config_path)
@@ -166,10 +170,15 @@ def cmd_train(args) -> int:
     from engine.train import run_training  # after pinning: torch must not see the other GPUs
 
     _setup_logging(run, args.background)
-    _share_the_cpu(cfg)
     state = "failed"  # also when something escapes the recipe: the queue still moves on
     try:
-        state = run_training(str(run.path), resume=args.resume)
+        if cfg.several_processes():  # this process starts the run's processes and waits for them
+            from engine.distributed import launch_and_wait
+
+            state = launch_and_wait(run, cfg, args.resume, args.background)
+        else:
+            _share_the_cpu(cfg)
+            state = run_training(str(run.path), resume=args.resume)
     finally:
         runner.after_training(run, state)  # the next queued run, or this run's next process
     status = run.read_status()
@@ -177,6 +186,20 @@ def cmd_train(args) -> int:
     if state == RETRYING:  # out of GPU memory: a new background process goes on with the run
         print(f"the run goes on in the background; follow it in {run.log_path}", file=sys.stderr)
     return 0 if state in ("finished", "stopped", RETRYING) else 1
+
+
+def _train_as_worker(args) -> int:
+    """One of a run's several processes: trains; only the main one writes the run directory, and
+    the process that started them all tells what follows (engine/distributed.py)."""
+    from engine.distributed import rank
+    from engine.rundir import RunDir
+    from engine.train import run_training
+
+    run = RunDir(args.run_dir)
+    _setup_logging(run, args.background, f"[rank {rank()}] ")
+    _share_the_cpu(RunConfig.load(run.config_path))
+    state = run_training(str(run.path), resume=args.resume)
+    return 0 if state in ("finished", "stopped") else 1
 
 
 def _foreground_run(args):
@@ -201,23 +224,29 @@ def _share_the_cpu(cfg: RunConfig) -> None:
 
     if cfg.device != "cpu" and torch.cuda.is_available():
         return  # a GPU run: the CPU only feeds it
+    from engine.distributed import local_processes
+
     threads, why = cpu_threads()
+    if local_processes() > 1:  # the run's processes on this machine share its cores
+        threads = max(1, threads // local_processes())
+        why += f", {threads} for each of the run's {local_processes()} processes"
     torch.set_num_threads(threads)
     logging.getLogger("engine.train").info("computing with %s", why)
 
 
 def _pin_gpu(run, cfg: RunConfig) -> None:
-    """Show this process only the run's GPU, before torch starts CUDA: with several visible,
-    transformers' Trainer would split every micro-batch over all of them (DataParallel)."""
-    from engine.hardware import pin_env, run_gpu, visible_indices
-    from engine.runner import record_gpu
+    """Show this process (and the processes of a run on several) only the run's GPUs, before torch
+    starts CUDA: with several visible, transformers' Trainer would split every micro-batch over
+    all of them (DataParallel)."""
+    from engine.hardware import visible_indices
+    from engine.runner import pin_env_for, record_gpus, run_gpus
 
     if "CUDA_VISIBLE_DEVICES" in os.environ and not visible_indices():
         return  # GPU UUIDs, MIG names, or "" (no GPU): the person chose, and we cannot narrow it
-    gpu = None if cfg.device == "cpu" else run_gpu(cfg.gpu)  # within CUDA_VISIBLE_DEVICES, if set
-    if gpu is not None:
-        os.environ.update(pin_env(gpu))
-        record_gpu(run, gpu)
+    gpus = run_gpus(cfg)  # within CUDA_VISIBLE_DEVICES, if set
+    if gpus:
+        os.environ.update(pin_env_for(gpus))
+        record_gpus(run, gpus)
 
 
 def _new_run(args):
@@ -266,13 +295,14 @@ def _settings_in(path: Path) -> set[str]:
     return set(yaml.safe_load(path.read_text()) or {})
 
 
-def _setup_logging(run, background: bool) -> None:
+def _setup_logging(run, background: bool, prefix: str = "") -> None:
+    """`prefix`: which of a run's processes writes the line ("[rank 1] ")."""
     # In the background, stdout already is train.log (the runner redirects it there).
     handlers = [logging.StreamHandler(sys.stdout if background else sys.stderr)]
     if not background:
         handlers.append(logging.FileHandler(run.log_path, encoding="utf-8"))
-    logging.basicConfig(level=logging.INFO, handlers=handlers,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, handlers=handlers, datefmt="%H:%M:%S",
+                        format=f"%(asctime)s {prefix}%(levelname)s %(message)s")
 
 
 def cmd_chat(args) -> int:
@@ -390,7 +420,7 @@ def cmd_resume(args) -> int:
     checkpoint = run.latest_checkpoint()
     print(f"resuming {run.path} from {checkpoint.name if checkpoint else 'the start (no checkpoint yet)'}",
           file=sys.stderr)
-    args.resume, args.background, args.vram_gb = True, False, None
+    args.resume, args.background, args.worker, args.vram_gb = True, False, False, None
     return cmd_train(args)
 
 

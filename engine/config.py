@@ -16,6 +16,7 @@ import yaml
 from engine.formats import FORMATS
 from engine.templates import template_names
 
+STRATEGIES = ("auto", "ddp", "fsdp")
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
 
@@ -100,6 +101,22 @@ class RunConfig:
                           choices=("auto", "cuda", "cpu"))
     gpu: int = setting(-1, "which GPU, as nvidia-smi numbers them (-1 = the most free memory at start)",
                        label="GPU")
+    # Several processes (DDP): one per GPU, here and on other machines (engine/distributed.py)
+    gpus: str = setting("", "the GPUs of a run on several processes, as nvidia-smi numbers them, "
+                        "e.g. \"0,1\" (empty: one GPU, as gpu says)", label="GPUs (several)")
+    num_processes: int = setting(1, "training processes on this machine, one per GPU (a CPU run "
+                                 "may use several too); each trains on its share of every batch",
+                                 label="Processes on this machine")
+    strategy: str = setting("auto", "how several processes share the work: ddp = each holds the "
+                            "whole model (auto picks it)", label="Multi-process strategy",
+                            choices=STRATEGIES)
+    num_machines: int = setting(1, "machines training this run together", label="Machines")
+    machine_rank: int = setting(0, "this machine's number among them (0 = the main machine)",
+                                label="This machine's rank")
+    main_process_ip: str = setting("", "the main machine's address, for a run on several "
+                                   "machines", label="Main machine's address")
+    main_process_port: int = setting(29500, "the port the processes meet on at the main "
+                                     "machine", label="Main machine's port")
     trust_remote_code: bool = setting(False, "never run a model repo's own code unless asked",
                                       ui=False)  # asked for at a terminal, never from a web form
 
@@ -144,9 +161,66 @@ class RunConfig:
         if self.gpu < -1:
             problems.append(f"gpu {self.gpu} is not a GPU number: use -1 (the one with the most "
                             "free memory) or an index as nvidia-smi lists them (0, 1, ...)")
+        problems += self._layout_problems()
         if problems:
             raise ConfigError("; ".join(problems))
         return self
+
+    def _layout_problems(self) -> list[str]:
+        """What is wrong with the process layout (gpus, num_processes, strategy, machines)."""
+        problems = []
+        try:
+            listed = self.gpu_list()
+        except ValueError:
+            return [f"gpus '{self.gpus}' is not a list of GPU numbers: write them as nvidia-smi "
+                    "lists them, separated by commas, e.g. 0,1"]
+        if len(set(listed)) != len(listed):
+            problems.append(f"gpus '{self.gpus}' names a GPU twice: one process per GPU")
+        if self.num_processes < 1:
+            problems.append("num_processes must be at least 1")
+        elif listed and self.num_processes not in (1, len(listed)):
+            problems.append(f"num_processes {self.num_processes} does not match the {len(listed)} "
+                            f"GPUs in gpus '{self.gpus}': one process per GPU (or leave "
+                            "num_processes at 1 and it follows gpus)")
+        if listed and self.device == "cpu":
+            problems.append("gpus names GPUs but device is cpu: clear gpus, or set device to "
+                            "auto or cuda")
+        if listed and self.gpu != -1:
+            problems.append("set either gpu (one GPU) or gpus (several), not both")
+        if self.strategy not in STRATEGIES:
+            problems.append(f"strategy '{self.strategy}' is unknown: use {', '.join(STRATEGIES)}")
+        elif self.strategy == "fsdp":
+            problems.append("strategy fsdp (a model sharded over the GPUs) is not available yet: "
+                            "use ddp, which needs the model to fit on each GPU")
+        if self.num_machines < 1:
+            problems.append("num_machines must be at least 1")
+        elif not 0 <= self.machine_rank < self.num_machines:
+            problems.append(f"machine_rank {self.machine_rank} must be from 0 to "
+                            f"{self.num_machines - 1} (num_machines is {self.num_machines})")
+        if self.num_machines > 1 and not self.main_process_ip:
+            problems.append("a run on several machines needs main_process_ip: the address of "
+                            "the machine with machine_rank 0")
+        if not 0 < self.main_process_port < 65536:
+            problems.append(f"main_process_port {self.main_process_port} is not a port number "
+                            "(1 to 65535)")
+        return problems
+
+    def gpu_list(self) -> list[int]:
+        """The GPUs in `gpus` as numbers ([] when empty); ValueError when they are not numbers."""
+        numbers = [int(part) for part in self.gpus.replace(" ", "").split(",") if part]
+        if any(number < 0 for number in numbers):
+            raise ValueError(self.gpus)
+        return numbers
+
+    def processes_here(self) -> int:
+        """Training processes on this machine: one per GPU in gpus, else num_processes."""
+        if self.num_processes == 1:
+            return len(self.gpu_list()) or 1
+        return self.num_processes
+
+    def several_processes(self) -> bool:
+        """Whether the run trains in several processes (here or over several machines)."""
+        return self.processes_here() > 1 or self.num_machines > 1
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

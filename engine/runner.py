@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from engine.config import ConfigError, RunConfig
-from engine.hardware import Gpu, pin_env, run_gpu
+from engine import hardware
+from engine.hardware import Gpu, pick_gpu, pin_env, run_gpu, visible_gpus
 from engine.paths import PROJECT_DIR, data_dir, runs_dir
 from engine.rundir import LIVE_STATES, RETRYING, RunDir, process_created
 from engine.runs import (  # noqa: F401 - the UI finds runs and the queue here too
@@ -77,31 +78,66 @@ def _new_folder(parent: Path, name: str) -> Path:
 
 def start_run(cfg: RunConfig, name: str = "") -> RunDir:
     """Create a run and start it now, or queue it behind the run that holds the GPU."""
-    gpu = _gpu_for(cfg)  # first: a GPU that does not exist leaves no run folder behind
+    gpus = _gpus_for(cfg)  # first: a GPU that does not exist leaves no run folder behind
     run = create_run(cfg, name)
-    _start_or_queue(run, resume=False, chat_note=_unload_chat_for(gpu))
+    _start_or_queue(run, resume=False, chat_note=_unload_chat_for(gpus))
     return run
 
 
-def _gpu_for(cfg: RunConfig) -> Gpu | None:
-    """The GPU a run with this config trains on, as things stand now; None on the CPU."""
+def _gpus_for(cfg: RunConfig) -> list[Gpu]:
+    """The GPUs a run with this config trains on, one per process, as things stand now; [] on
+    the CPU (a CPU run on several processes too)."""
     try:
-        return None if cfg.device == "cpu" else run_gpu(cfg.gpu)
+        return run_gpus(cfg)
     except ConfigError as exc:  # e.g. the GPU it names is gone: another machine, a card removed
         raise RunnerError(str(exc)) from None
 
 
-def _unload_chat_for(gpu: Gpu | None) -> str:
+def run_gpus(cfg: RunConfig) -> list[Gpu]:
+    """gpu (one GPU), or gpus, or the num_processes GPUs with the most free memory; ConfigError
+    when this machine lacks them."""
+    listed, processes = cfg.gpu_list(), cfg.processes_here()
+    if cfg.device == "cpu":
+        return []
+    if processes == 1:
+        gpu = run_gpu(listed[0] if listed else cfg.gpu)
+        return [gpu] if gpu else []
+    usable = visible_gpus(hardware.detect_gpus()[0])
+    if not usable:
+        if listed or cfg.device == "cuda":
+            raise ConfigError(f"{processes} processes on GPUs were asked for, but this machine has "
+                              "no GPU that PyTorch can use: clear gpus and set device to cpu (or "
+                              "auto) to train on the CPU")
+        return []  # device auto on a machine without GPUs: the processes share the CPU (gloo)
+    if listed:
+        return [pick_gpu(usable, index) for index in listed]
+    if len(usable) < processes:
+        raise ConfigError(f"{processes} processes need {processes} GPUs, one each, and this "
+                          f"machine has {len(usable)}: set num_processes to {len(usable)} or fewer")
+    chosen = sorted(usable, key=lambda gpu: gpu.free_gb, reverse=True)[:processes]
+    return sorted(chosen, key=lambda gpu: gpu.index)
+
+
+def pin_env_for(gpus: list[Gpu]) -> dict[str, str]:
+    """The environment that shows a training process (and the processes it starts) exactly the
+    run's GPUs; nothing for a CPU run."""
+    if len(gpus) <= 1:
+        return pin_env(gpus[0]) if gpus else {}
+    return {**pin_env(gpus[0]), "CUDA_VISIBLE_DEVICES": ",".join(str(gpu.index) for gpu in gpus)}
+
+
+def _unload_chat_for(gpus: list[Gpu]) -> str:
     """Unload this process's chat model when the run will train on the GPU it is on, so training
     gets that memory; the note for the run's record, or '' when nothing was unloaded. Also when
     the run is queued: another process starts it later, and that one cannot free it."""
     from engine import chat
 
-    if gpu is None or chat.shared_gpu_index() != gpu.index:
+    index = chat.shared_gpu_index()
+    if index is None or index not in [gpu.index for gpu in gpus]:
         return ""
     label = chat.unload_shared()
     return "" if label is None else \
-        f"the chat model ({label}) was unloaded to free GPU {gpu.index} for training"
+        f"the chat model ({label}) was unloaded to free GPU {index} for training"
 
 
 def ensure_resumable(run: RunDir) -> None:
@@ -118,7 +154,7 @@ def resume_run(run: RunDir) -> str:
     ensure_resumable(run)  # a clear answer before the chat model is unloaded for nothing
     checkpoint = run.latest_checkpoint()
     where = f"from {checkpoint.name}" if checkpoint else "from the start (it has no checkpoint yet)"
-    note = _unload_chat_for(_gpu_for(RunConfig.load(run.config_path)))
+    note = _unload_chat_for(_gpus_for(RunConfig.load(run.config_path)))
     # Checked again under the queue lock: of two Resumes at once (a double click, two tabs) one
     # starts the run and the other is refused, never queued over the running run's status.
     started = _start_or_queue(run, resume=True, check=ensure_resumable, chat_note=note)
@@ -212,21 +248,28 @@ def _record_failure(run: RunDir, message: str, details: str = "") -> None:
 
 
 def _pin_to_gpu(run: RunDir) -> dict[str, str]:
-    """The child's environment for exactly the run's GPU (its gpu setting, or the one with the most
-    free memory now), recorded for chat and the UI; nothing for a CPU run."""
+    """The child's environment for exactly the run's GPUs (its gpu or gpus setting, or those with
+    the most free memory now), recorded for chat and the UI; nothing for a CPU run."""
     try:
-        gpu = _gpu_for(RunConfig.load(run.config_path))
+        gpus = _gpus_for(RunConfig.load(run.config_path))
     except (ConfigError, RunnerError) as exc:
         _record_failure(run, str(exc))
         raise RunnerError(f"run {run.name} cannot start: {exc}") from None
-    record_gpu(run, gpu)
-    return pin_env(gpu) if gpu else {}
+    record_gpus(run, gpus)
+    return pin_env_for(gpus)
 
 
 def record_gpu(run: RunDir, gpu: Gpu | None) -> None:
     """Record the GPU a run's process trains on (None: the CPU). Outside the lock only for a run
     this process trains itself: nobody else writes the record of a run that is training."""
-    run.write_launch(gpu=gpu.index if gpu else None, gpu_name=gpu.name if gpu else "")
+    record_gpus(run, [gpu] if gpu else [])
+
+
+def record_gpus(run: RunDir, gpus: list[Gpu]) -> None:
+    """record_gpu for a run on one GPU or several (gpu: the first; gpus: all of them)."""
+    first = gpus[0] if gpus else None
+    run.write_launch(gpu=first.index if first else None, gpu_name=first.name if first else "",
+                     gpus=[gpu.index for gpu in gpus])
 
 
 def start_here(run: RunDir, resume: bool = False) -> None:

@@ -57,7 +57,8 @@ def active_run() -> RunDir | None:
 
 
 def gpu_holder() -> RunDir | None:
-    """The run whose process holds the GPU: one of runs/, or one trained from the command line."""
+    """The run whose process holds the GPU: one of runs/, or one trained from the command line.
+    One run trains at a time, so a run on several GPUs (or processes) holds all of them."""
     return active_run() or next((r for r in cli_runs() if is_active(r)), None)
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 from transformers import PrinterCallback
 
-from engine import checkpoints
+from engine import checkpoints, distributed
 from engine.callback import StudioCallback
 from engine.config import ConfigError, RunConfig
 from engine.data import DataError, load_conversations
@@ -68,7 +68,7 @@ def run_training(run_dir: str, resume: bool = False) -> str:
     failed), or RETRYING when a GPU out-of-memory in a step asks for the run to go on from its
     last checkpoint in a fresh process, with half the micro-batch (runner.after_training starts
     it; a CUDA context left broken by an OOM could poison a retry in this one)."""
-    run = RunDir(run_dir)
+    run = distributed.run_dir_for_this_process(run_dir)  # only the main process writes the run
     taking_over = _wait_for_predecessor(run)
     pid = psutil.Process().pid
     notes = (run.read_status().get("notes") or []) if taking_over else []  # retries so far
@@ -105,6 +105,10 @@ def _train_with_retries(run: RunDir, resume: bool) -> str:
             log.error("unexpected error:\n%s", traceback.format_exc())
             return _fail(run, f"unexpected error: {type(exc).__name__}: {exc} (details in train.log)")
         in_step = isinstance(exc, OutOfMemoryInStep)
+        if in_step and distributed.world_size() > 1:
+            # The other processes wait in the gradient exchange and cannot take a smaller batch
+            # on with this one: the run fails, saying what to change.
+            return _fail(run, oom_message(run, cfg))
     # Go on outside the except block: the exception's frames hold the failed attempt's tensors,
     # and the free memory the message reports must not count them.
     free_memory()
@@ -190,6 +194,11 @@ def _set_up(run: RunDir, cfg: RunConfig) -> Setup:
 
     set_seed(cfg.seed)
     device = pick_device(cfg.device)
+    if device == "cuda" and distributed.world_size() > 1:
+        import torch
+
+        # Each process loads its copy onto its own GPU (CUDA_VISIBLE_DEVICES lists the run's).
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     _cap_gpu_memory(device)
     dtype, dtype_why = compute_dtype(cfg.compute_dtype, device)
     source = resolve_model(cfg.model)
@@ -267,6 +276,9 @@ def _trainer(run: RunDir, cfg: RunConfig, setup: Setup, model, train_set, eval_s
         eval_steps=max(1, cfg.save_steps // 2) if eval_set is not None else None,
         include_num_input_tokens_seen="non_padding",
         use_cpu=device == "cpu",
+        # Several processes (DDP): every LoRA weight gets a gradient in every step, and the
+        # frozen 4-bit base has none, so DDP need not search the graph for unused ones.
+        ddp_find_unused_parameters=False,
         seed=cfg.seed,
         report_to="none",
         disable_tqdm=True,
@@ -279,7 +291,7 @@ def _trainer(run: RunDir, cfg: RunConfig, setup: Setup, model, train_set, eval_s
         eval_dataset=eval_set,
         data_collator=DataCollatorForSeq2Seq(setup.tokenizer, padding=True,
                                              label_pad_token_id=IGNORE_INDEX),
-        callbacks=[callback, *injected_faults(run)],
+        callbacks=[callback, *injected_faults(run), *_replica_checksums()],
     )
     trainer.remove_callback(PrinterCallback)  # our callback already logs each step, readably
     how = f"training on {device} with {optimizer}, compute {setup.dtype_why}"
@@ -296,7 +308,8 @@ def _run(run: RunDir, trainer, device: str, resume: bool) -> None:
     run.drop_metrics_after(checkpoints.step_of(checkpoint) if checkpoint else 0)
     try:
         # GPU health into gpu.jsonl while the steps run (nothing on a CPU; never stops training)
-        with GpuSampler(run, gpu_index(run, device), step=lambda: trainer.state.global_step):
+        sampled = gpu_index(run, device) if distributed.is_main_process() else None
+        with GpuSampler(run, sampled, step=lambda: trainer.state.global_step):
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except Exception as exc:
         if is_out_of_memory(exc):  # in a step, unlike one while loading: a retry may fit
@@ -312,7 +325,8 @@ def _save(run: RunDir, cfg: RunConfig, setup: Setup, model, step: int, callback)
                      + (f"The last good checkpoint ({last.name}) is kept: " if last else "")
                      + f"lower the learning rate (now {cfg.lr:g}) or max_grad_norm, then start again"
                      + (" or resume the run" if last else ""))
-    _save_adapter(run, model, setup.tokenizer, cfg, setup.source)
+    if distributed.is_main_process():  # the processes hold the same weights: one saves them
+        _save_adapter(run, model, setup.tokenizer, cfg, setup.source)
     stopped = callback.stop_seen
     notes = run.read_status().get("notes") or []
     message = (f"stopped at step {step}; adapter saved" if stopped
@@ -374,7 +388,9 @@ def prepare_for_kbit_training(model, gradient_checkpointing: bool) -> None:
 
 
 def _resume_point(run: RunDir):
-    removed = checkpoints.remove_incomplete(run.checkpoints_dir)
+    # The main process tidies; the others only ever pick a complete checkpoint, the same one.
+    removed = checkpoints.remove_incomplete(run.checkpoints_dir) if distributed.is_main_process() \
+        else []
     if removed:
         log.warning("removed incomplete checkpoint(s) %s (written when the run broke off)",
                     ", ".join(removed))
@@ -453,6 +469,11 @@ def _tokenise(rows, tokenizer, template, cfg: RunConfig, split: str, run=None) -
         raise DataError(f"no {split} row has answer tokens within max_seq_len={cfg.max_seq_len}: "
                         "raise max_seq_len or shorten the prompts")
     return examples
+
+
+def _replica_checksums() -> list:
+    folder = os.environ.get(distributed.CHECKSUMS_ENV, "")
+    return [distributed.replica_checksums(folder)] if folder else []
 
 
 def _fail(run: RunDir, message: str) -> str:

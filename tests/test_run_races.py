@@ -86,7 +86,10 @@ def test_a_process_that_dies_before_reporting_leaves_a_failed_run(stopped_run, m
 
 ROOT = Path(__file__).resolve().parent.parent
 # The training process: the recipe, its Trainer callback and the progress messages they write.
-STATUS_WRITERS = {"engine/train.py", "engine/callback.py", "engine/progress.py"}
+# (and engine/distributed.py: the process that starts a run's several processes tells a failure
+# they could not report)
+STATUS_WRITERS = {"engine/train.py", "engine/callback.py", "engine/progress.py",
+                  "engine/distributed.py"}
 
 
 def attribute_uses(name: str) -> set[str]:
