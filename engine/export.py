@@ -168,6 +168,7 @@ def export(run: RunDir, kind: str, progress: Progress | None = None, gguf_type: 
 
                     (notes if notes is not None else []).extend(
                         export_gguf(run, partial, gguf_type, progress))
+            _usual_permissions(partial)
             replace_file(partial, final)  # retried while Windows holds a file in it open
         except BaseException as exc:
             shutil.rmtree(partial, ignore_errors=True)
@@ -175,6 +176,19 @@ def export(run: RunDir, kind: str, progress: Progress | None = None, gguf_type: 
             raise
     progress(1.0, f"{kind} export written to {final}")
     return final
+
+
+def _usual_permissions(folder: Path) -> None:
+    """Files as readable as any other the user writes: transformers saves weights through a
+    private temporary file (mode 0600), which Ollama's server, running as its own user, could
+    not read."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in folder.rglob("*"):
+        if file.is_file():
+            file.chmod(0o666 & ~umask)
 
 
 @contextmanager

@@ -152,6 +152,10 @@ def test_plain_transformers_answers_a_learned_fact_from_the_merged_export(copy_r
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = export(copy_run, "merged")
+    umask = os.umask(0)
+    os.umask(umask)
+    # readable as any file the user writes (transformers saves through a private temporary file)
+    assert {f.stat().st_mode & 0o777 for f in folder.iterdir()} == {0o666 & ~umask}
     tokenizer = AutoTokenizer.from_pretrained(folder)
     # fp32 compute: many CPUs only emulate bf16, many times slower
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
