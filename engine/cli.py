@@ -332,6 +332,10 @@ def _add_planner_commands(commands) -> None:
     plan.add_argument("--max-seq-len", type=int, default=defaults.max_seq_len)
     plan.add_argument("--micro-batch", type=int, default=defaults.micro_batch_size)
     plan.add_argument("--lora-r", type=int, default=defaults.lora_r)
+    plan.add_argument("--num-gpus", type=int, default=1,
+                      help="plan the run on this many GPUs of that memory each (DDP or FSDP-QLoRA)")
+    plan.add_argument("--strategy", default="auto", help="with --num-gpus: auto (DDP when the "
+                      "model fits one GPU, else FSDP-QLoRA), ddp or fsdp")
 
 
 def _vram_of(args) -> tuple[float | None, str]:
@@ -365,6 +369,8 @@ def cmd_plan(args) -> int:
         raise CliError(f"model '{args.model}' is not in the catalog and not a local folder: the planner "
                        "needs its shapes (download it and pass its folder)")
     vram, source = _vram_of(args)
+    if args.num_gpus > 1 or args.strategy != "auto":
+        return _plan_several(args, model, vram, source)
     result = plan(model, args.max_seq_len, args.micro_batch, args.lora_r, vram)
     if args.json:
         values = result.to_dict()
@@ -379,6 +385,34 @@ def cmd_plan(args) -> int:
         print(f"{source}: pass --gpu or --vram-gb for a verdict")
     else:
         print(f"{'fits' if result.fits else 'does NOT fit'} in {source} (keeping 10% headroom)")
+    return 0
+
+
+def _plan_several(args, model, vram, source) -> int:
+    from engine.planner_multi import StrategyError, plan_layout
+
+    try:
+        layout = plan_layout(model, args.num_gpus, args.strategy, args.max_seq_len,
+                             args.micro_batch, args.lora_r, vram)
+    except StrategyError as exc:
+        raise CliError(str(exc)) from None
+    if args.json:
+        values = layout.to_dict()
+        values["fits"] = layout.fits if vram is not None else None
+        print(json.dumps(values, indent=1))
+        return 0
+    print(f"{model.name} on {args.num_gpus} GPU(s): {layout.label}, {args.max_seq_len} tokens x "
+          f"micro-batch {args.micro_batch}, LoRA r={args.lora_r}")
+    for part, gb in layout.per_gpu.parts.items():
+        print(f"  {part:<40} {gb:7.2f} GB per GPU")
+    print(f"  {'total per GPU':<40} {layout.per_gpu.total_gb:7.2f} GB")
+    if layout.cpu_offload:
+        print(f"  CPU RAM for the offloaded shards: {layout.cpu_ram_gb:.1f} GB")
+    print(f"{layout.how}. {layout.why}".strip())
+    if vram is None:
+        print(f"{source}: pass --gpu or --vram-gb for a verdict")
+    else:
+        print(f"{'fits' if layout.fits else 'does NOT fit'} in {source} per GPU (keeping 10% headroom)")
     return 0
 
 

@@ -250,7 +250,10 @@ def test_cli_plan_and_recommend_json(tmp_path):
     env = dict(os.environ, QLS_DATA_DIR=str(tmp_path))
     commands = {"plan": ["plan", "--model", "EleutherAI/gpt-j-6b", "--gpu", "RTX 3060",
                          "--max-seq-len", "1024", "--micro-batch", "1", "--lora-r", "16", "--json"],
-                "recommend": ["recommend", "--vram-gb", "24", "--json"]}
+                "recommend": ["recommend", "--vram-gb", "24", "--json"],
+                "several": ["plan", "--model", "llama-2-70b", "--vram-gb", "24", "--num-gpus", "2",
+                            "--max-seq-len", "2048", "--micro-batch", "2", "--json"],
+                "bad": ["plan", "--model", "llama-2-70b", "--num-gpus", "2", "--strategy", "zero3"]}
     processes = {name: subprocess.Popen([sys.executable, "-m", "engine", *args], cwd=ROOT, env=env,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for name, args in commands.items()}
@@ -266,6 +269,13 @@ def test_cli_plan_and_recommend_json(tmp_path):
     picks = json.loads(out)
     assert "gpt-neox-20b" in [pick["model"] for pick in picks]
     assert all({"model", "max_seq_len", "micro_batch", "total_gb"} <= set(p) for p in picks)
+    out, err, code = results["several"]  # 70B on 2 x 24 GB: FSDP-QLoRA with its shards in CPU RAM
+    assert code == 0, err
+    values = json.loads(out)
+    assert (values["num_gpus"], values["strategy"], values["cpu_offload"], values["fits"]) == \
+        (2, "fsdp", True, True)
+    out, err, code = results["bad"]
+    assert code == 1 and "zero3" in err and "auto, ddp, fsdp" in err and "Traceback" not in err
 
 
 def test_training_time_estimate_from_the_uploaded_data():
