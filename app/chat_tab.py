@@ -11,9 +11,10 @@ import traceback
 import gradio as gr
 
 from app.errors import EXPECTED, in_words
+from app.export_tab import run_choices  # the runs that saved an adapter, as both tabs list them
 from app.hardware_tab import selected_model
 from engine.chat import GpuBusyError, load_shared, unload_shared_report  # torch loads with a model
-from engine.runner import get_run, list_runs
+from engine.runner import get_run
 
 BASE = "__base__"
 STOPPED = " ⏹ (stopped)"  # ends an answer cut short by Stop; the model never sees it
@@ -25,12 +26,7 @@ _stops: dict[str, threading.Event] = {}
 
 
 def target_choices() -> list[tuple[str, str]]:
-    choices = [("Base model (chosen in the Hardware tab), not tuned", BASE)]
-    for run in list_runs():
-        status = run.read_status()
-        if run.adapter_dir.joinpath("adapter_config.json").is_file():
-            choices.append((f"{run.name} ({status.get('state')})", run.name))
-    return choices
+    return [("Base model (chosen in the Hardware tab), not tuned", BASE), *run_choices()]
 
 
 def default_target() -> str:

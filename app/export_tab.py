@@ -26,9 +26,9 @@ ERRORS = (ExportError, *EXPECTED)
 
 
 def run_choices() -> list[tuple[str, str]]:
-    """Runs with a saved adapter (finished or stopped), newest first."""
+    """Runs with a saved adapter (finished or stopped), newest first; chat lists the same."""
     return [(f"{run.name} ({run.read_status().get('state')})", run.name) for run in list_runs()
-            if run.adapter_dir.joinpath("adapter_config.json").is_file()]
+            if run.has_adapter()]
 
 
 def refresh_runs(current: str | None):

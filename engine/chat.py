@@ -273,10 +273,10 @@ class ChatModel:
 
 def _chat_gpu() -> Gpu | None:
     """Where chat loads: the GPU with the most free memory that none of our runs trains on."""
-    from engine.runner import active_run
+    from engine.runs import gpu_holder
 
     gpus = visible_gpus(hardware.detect_gpus()[0])
-    run = active_run()
+    run = gpu_holder()  # a run of the app's, or one trained from the command line
     held = _gpus_of(run, gpus) if run is not None else set()
     free = [gpu for gpu in gpus if gpu.index not in held]
     if held and not free:
@@ -287,11 +287,14 @@ def _chat_gpu() -> Gpu | None:
 
 
 def _gpus_of(run: RunDir, gpus: list[Gpu]) -> set[int]:
-    """The GPU indices an active run trains on: the one its status records; all of them when it
-    recorded none (started by an older version); none when it trains on the CPU."""
+    """The GPU indices an active run trains on: the ones its status records (several for a run on
+    several processes); all of them when it recorded none (started by an older version); none
+    when it trains on the CPU."""
     status = run.read_status()
     if status.get("device") == "cpu":
         return set()
+    if status.get("gpus"):
+        return set(status["gpus"])
     if status.get("gpu") is not None:
         return {status["gpu"]}
     if "gpu" in status:  # the runner recorded that it gave the run no GPU

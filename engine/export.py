@@ -78,7 +78,7 @@ def check_request(run: RunDir, kind: str, gguf_type: str = "q8_0") -> None:
             from engine.gguf_export import check_gguf_type  # here: it imports the gguf package
 
             check_gguf_type(gguf_type)
-    if not (run.adapter_dir / "adapter_config.json").is_file():
+    if not run.has_adapter():
         raise ExportError(f"run {run.name} has no saved adapter yet, so there is nothing to "
                           "export: wait for it to finish, or stop it (stopping saves the adapter)")
     folder = exports_dir(run)

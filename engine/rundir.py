@@ -111,6 +111,10 @@ class RunDir:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
+    def has_adapter(self) -> bool:
+        """Whether the run saved an adapter (finished or stopped): what chat and export need."""
+        return (self.adapter_dir / "adapter_config.json").is_file()
+
     def is_run(self) -> bool:
         return self.config_path.is_file()
 

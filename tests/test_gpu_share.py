@@ -248,6 +248,11 @@ def test_chat_takes_another_gpu_than_the_training_run(data_dir, tmp_path, gpus, 
     assert chat._chat_gpu().index == 2  # the most free one the run does not use
 
 
+def test_chat_keeps_off_every_gpu_of_a_run_on_several(data_dir, tmp_path, gpus, cuda_chat):
+    training_run(tmp_path, gpu=1, gpu_name="RTX 1", gpus=[1, 2])  # DDP on GPUs 1 and 2
+    assert chat._chat_gpu().index == 0  # not 2, the most free one after 1
+
+
 def test_a_cpu_run_or_no_run_leaves_the_gpu_to_chat(data_dir, tmp_path, gpus, cuda_chat):
     assert chat._chat_gpu().index == 1
     training_run(tmp_path, gpu=None, device="cpu")
