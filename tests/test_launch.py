@@ -251,6 +251,8 @@ class FakeSetup:
         monkeypatch.setattr(launch, "torch_pip_args", lambda requirement: [requirement])
         monkeypatch.setattr(launch, "pip", self.pip)
         monkeypatch.setattr(launch.subprocess, "call", self.call)
+        monkeypatch.setattr(launch.sys, "platform", "linux")  # the Triton step depends on it
+        monkeypatch.setattr(launch.platform, "machine", lambda: "x86_64")
 
     def pip(self, python, step, *args, env=None):
         if step == self.fail_step:
@@ -272,7 +274,8 @@ class FakeSetup:
 
 
 APP_STEPS = ["PyTorch", "the requirements", "the embedded model"]
-TEST_STEPS = APP_STEPS + ["the test tools"]
+TRITON = "Triton (its interpreter runs the GPU kernels' tests here)"
+TEST_STEPS = APP_STEPS + ["the test tools", TRITON]
 LLAMA_CPP = "llama.cpp for the GGUF tests (compiled from source: a few minutes)"
 
 
@@ -311,6 +314,16 @@ def test_test_mode_adds_the_dev_tools_and_app_mode_then_skips(fake):
     assert fake.setup(test=True) == TEST_STEPS + [LLAMA_CPP]  # dev tools were never installed
     assert fake.setup(test=False) == []  # a test setup covers the app
     assert fake.setup(test=True) == []
+
+
+def test_triton_comes_with_the_cpu_build_only(fake, monkeypatch):
+    fake.setup(test=True)
+    assert fake.args[TRITON] == ["triton==3.9.0"]
+    fake.torch = "torch==2.13.0+cu126"  # a CUDA build brings the Triton it was built with
+    assert TRITON not in fake.setup(test=True)
+    monkeypatch.setattr(fake.launch.sys, "platform", "win32")  # no Triton wheels for Windows
+    fake.torch = "torch==2.13.0+cpu"
+    assert TRITON not in fake.setup(test=True)
 
 
 def test_app_setup_keeps_test_setup_valid(fake):
