@@ -268,18 +268,19 @@ def memory_refusal(cfg) -> str | None:
 
 
 def memory_bar(model_choice, custom_model, max_seq_len, micro_batch, lora_r, epochs=0, max_steps=-1,
-               grad_accum=1, data_size=None, gpu_index=-1, device="auto") -> str:
+               grad_accum=1, data_size=None, gpu_index=-1, device="auto", kernels="off",
+               optimizer="auto") -> str:
     """HTML: the plan's parts as one stacked bar against the card's free memory, with a legend,
     and the planner's time estimate for the uploaded data."""
     try:
         return _memory_bar(model_choice, custom_model, max_seq_len, micro_batch, lora_r, epochs,
-                           max_steps, grad_accum, data_size, gpu_index, device)
+                           max_steps, grad_accum, data_size, gpu_index, device, kernels, optimizer)
     except EXPECTED as exc:
         return f"<p>Memory plan unavailable: {html.escape(sentence(exc), quote=False)}</p>"
 
 
 def _memory_bar(model_choice, custom_model, max_seq_len, micro_batch, lora_r, epochs, max_steps,
-                grad_accum, data_size, gpu_index, device) -> str:
+                grad_accum, data_size, gpu_index, device, kernels, optimizer) -> str:
     model = planner.model_shape(selected_model(model_choice, custom_model))
     length, batch, rank = (_int(value, 0) for value in (max_seq_len, micro_batch, lora_r))
     if model is None or min(length, batch, rank) < 1:
@@ -292,7 +293,9 @@ def _memory_bar(model_choice, custom_model, max_seq_len, micro_batch, lora_r, ep
             gpu = planner.detected_gpu()
     # Memory held by the app's own chat model counts as free: starting the run unloads it.
     free = min(gpu.free_gb + planner.chat_held_gb(gpu), gpu.total_gb) if gpu else None
-    result = planner.plan(model, length, batch, rank, free)
+    # The figure is GPU memory even for a CPU run ("about N GB on a GPU"): plan CUDA's pieces.
+    result = planner.plan(model, length, batch, rank, free,
+                          planner.stack_for(kernels, "cuda", optimizer))
     scale = max(result.total_gb, free or 0) or 1.0
     segments = "".join(
         f'<div title="{part}: {gb:.2f} GB" style="width:{100 * gb / scale:.2f}%;background:{colour}"></div>'
@@ -374,7 +377,7 @@ def build(hardware: dict, data: dict) -> dict:
     plan_inputs = [hardware["model"], hardware["custom_model"], by_field["max_seq_len"],
                    by_field["micro_batch_size"], by_field["lora_r"], by_field["epochs"],
                    by_field["max_steps"], by_field["grad_accum_steps"], data["data_size"], gpu,
-                   by_field["device"]]
+                   by_field["device"], by_field["kernels"], by_field["optimizer"]]
     memory = gr.HTML(memory_bar(*[c.value for c in plan_inputs]), elem_id="memory-plan-html")
     for component in plan_inputs:
         component.change(memory_bar, plan_inputs, memory, api_name=False, show_progress="hidden")

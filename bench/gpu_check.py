@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/gpu_check.py                 # everything (about 8 minutes)
     .venv/bin/python bench/gpu_check.py --quick         # fewer points, shorter runs
-    .venv/bin/python bench/gpu_check.py --only memory   # one section: memory|speed|paged|oom|chat
+    .venv/bin/python bench/gpu_check.py --only memory   # one section: memory|speed|paged|oom|chat|kernels
 
 It reports, as Markdown tables on stdout and in bench/results/gpu-check-<gpu>-<date>.md (+ .json):
 0. the GPU, its driver, CUDA, library versions and whether bf16 is native;
@@ -16,7 +16,11 @@ It reports, as Markdown tables on stdout and in bench/results/gpu-check-<gpu>-<d
 4. a forced real out-of-memory (QLS_GPU_MEMORY_GB caps the training process) recovered by the
    engine's retry with half the micro-batch;
 5. chat and training sharing the GPU: starting a run unloads the shared chat model, and loading
-   one while a run trains is refused (engine.chat.GpuBusyError).
+   one while a run trains is refused (engine.chat.GpuBusyError);
+6. our kernels (`kernels: auto`) against the reference stack on Llama-3.1-8B's shape (4 layers)
+   at 512, 2048 and 8192 tokens: bench/train_step.py's figures (tokens/s, peak memory, loss
+   curves, share of the GPU's bf16 peak). Last, so it gets what the budget leaves: run it alone
+   with `--only kernels` for every case.
 Exit code 0 when every check passes, 1 when one fails, 2 without a CUDA GPU.
 
 The models have real shapes and random weights: a transformers config is built from the catalog
@@ -57,9 +61,10 @@ SECTIONS = {
     "paged": "3. Paged AdamW",
     "oom": "4. Out of memory, recovered by the retry",
     "chat": "5. Chat and training share the GPU",
+    "kernels": "6. Our kernels (kernels: auto) against the reference, Llama-3.1-8B shape",
 }
 # Cheap pass/fail checks first, so a slow card spends the budget's end on measurements, not on them.
-RUN_ORDER = ("paged", "oom", "chat", "memory", "speed")
+RUN_ORDER = ("paged", "oom", "chat", "memory", "speed", "kernels")
 
 # catalog id -> layers kept (None: all). Cut layers keep the random weights small and the run
 # short; the embeddings, head and per-layer shapes stay real, and the planner plans the cut shape.
@@ -83,7 +88,11 @@ SPEED_STEPS, QUICK_SPEED_STEPS = 10, 6
 # room for 4 even if the planner is off by a third either way.
 OOM_LEN, OOM_BATCH = 1024, 8
 TIMEOUTS_S = {"info": 60, "build": 240, "point": 150, "speed": 200, "paged": 150, "oom": 240,
-              "chat": 240}
+              "chat": 240, "kernels": 240}
+# bench/train_step.py's GPU cases (issue 13's targets: 1.5x the reference's tokens/s up to 2k
+# tokens, 1.1x at 8k, 40% less peak memory), on the Llama-3.1-8B shape cut to KERNEL_LAYERS layers.
+KERNEL_CASES, QUICK_KERNEL_CASES = ("llama-8b-512", "llama-8b-2048", "llama-8b-8192"), ("llama-8b-512",)
+KERNEL_LAYERS, KERNEL_STEPS = 4, 6
 
 
 # --- pure parts: judging and reporting (unit-tested without a GPU) -------------------------------
@@ -609,7 +618,7 @@ class Check:
 
 
 def section_memory(check: Check) -> dict:
-    from engine.planner import plan
+    from engine.planner import plan, stack_for
 
     headers = ["model", "tokens x batch", "r", "planned torch GB", "measured reserved GB",
                "(loading / training)", "allocated GB", "off by", "result", "planned total GB",
@@ -625,7 +634,8 @@ def section_memory(check: Check) -> dict:
     free_gb = float(check.info.get("free_gb") or 0)
     for model_id, length, batch, rank in (QUICK_POINTS if check.quick else POINTS):
         shape = shapes[model_id]
-        planned = plan(shape, length, batch, rank)
+        # our runs train with kernels: auto (bench/gpu_check.py's children use the defaults)
+        planned = plan(shape, length, batch, rank, stack=stack_for("auto", "cuda"))
         row = [shape.name, f"{length} x {batch}", rank, f"{planned.torch_gb:.2f}"]
         point = {"model": model_id, "layers": shape.layers, "max_seq_len": length,
                  "micro_batch": batch, "lora_r": rank, "planned_torch_gb": planned.torch_gb,
@@ -720,6 +730,38 @@ def section_speed(check: Check) -> dict:
     return {"passed": passed, "headers": headers, "rows": rows, "notes": notes, "data": results}
 
 
+def section_kernels(check: Check) -> dict:
+    """bench/train_step.py's cases: tokens/s, peak memory and the loss curves of both stacks."""
+    import train_step
+
+    headers = ["case", "ours tokens/s", "reference tokens/s", "speed-up", "ours peak GB",
+               "reference peak GB", "max loss diff", "bf16 peak share (ours)"]
+    rows, data, passed = [], [], True
+    for case in QUICK_KERNEL_CASES if check.quick else KERNEL_CASES:
+        timeout_s = min(TIMEOUTS_S["kernels"], check.deadline - time.time())
+        if timeout_s < 20:
+            passed = False
+            rows.append([case, "not run: the 10-minute budget was spent (run --only kernels)"]
+                        + [""] * 6)
+            continue
+        check.say(f"kernels: {case}, both stacks, {KERNEL_STEPS} steps")
+        try:
+            s = train_step.measure(case, KERNEL_STEPS, check.work / "kernel-models",
+                                   ("reference", "auto"), layers=KERNEL_LAYERS,
+                                   timeout_s=timeout_s)
+        except Exception as exc:  # noqa: BLE001 - a failed case is a row, the others still run
+            passed = False
+            rows.append([case, f"FAILED: {type(exc).__name__}: {str(exc)[-300:]}"] + [""] * 6)
+            continue
+        data.append(s)
+        rows.append([case, s["ours_tokens_per_s"], s["reference_tokens_per_s"], s["speedup"],
+                     s["ours_peak_gb"], s["reference_peak_gb"], s["max_loss_diff"],
+                     s["ours_bf16_peak_fraction"]])
+    notes = [f"Llama-3.1-8B's shape with random weights, {KERNEL_LAYERS} layers, "
+             f"{KERNEL_STEPS} steps per stack; the full figures are in the JSON file."]
+    return {"passed": passed, "headers": headers, "rows": rows, "notes": notes, "data": data}
+
+
 def section_paged(check: Check) -> dict:
     from facts import write_facts
 
@@ -756,11 +798,11 @@ def section_paged(check: Check) -> dict:
 
 def section_oom(check: Check) -> dict:
     from engine.catalog import find
-    from engine.planner import plan
+    from engine.planner import plan, stack_for
 
     shape = find("embedded")
-    full = plan(shape, OOM_LEN, OOM_BATCH, 16).torch_gb
-    half = plan(shape, OOM_LEN, OOM_BATCH // 2, 16).torch_gb
+    full = plan(shape, OOM_LEN, OOM_BATCH, 16, stack=stack_for("auto", "cuda")).torch_gb
+    half = plan(shape, OOM_LEN, OOM_BATCH // 2, 16, stack=stack_for("auto", "cuda")).torch_gb
     cap = round((full * half) ** 0.5, 2)
     check.say(f"oom: micro-batch {OOM_BATCH} x {OOM_LEN} tokens under a {cap} GB cap "
               f"(plans {full} GB; half plans {half} GB)")
@@ -807,7 +849,7 @@ def section_chat(check: Check) -> dict:
 
 
 SECTION_FUNCTIONS = {"memory": section_memory, "speed": section_speed, "paged": section_paged,
-                     "oom": section_oom, "chat": section_chat}
+                     "oom": section_oom, "chat": section_chat, "kernels": section_kernels}
 
 
 def no_cuda_line() -> str | None:

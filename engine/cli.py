@@ -332,6 +332,9 @@ def _add_planner_commands(commands) -> None:
     plan.add_argument("--max-seq-len", type=int, default=defaults.max_seq_len)
     plan.add_argument("--micro-batch", type=int, default=defaults.micro_batch_size)
     plan.add_argument("--lora-r", type=int, default=defaults.lora_r)
+    plan.add_argument("--kernels", choices=("auto", "off"), default=defaults.kernels,
+                      help="plan our kernels/ pieces that auto turns on for CUDA "
+                      "(presets/kernels.yaml), or off: the reference QLoRA stack")
     plan.add_argument("--num-gpus", type=int, default=1,
                       help="plan the run on this many GPUs of that memory each (DDP or FSDP-QLoRA)")
     plan.add_argument("--strategy", default="auto", help="with --num-gpus: auto (DDP when the "
@@ -359,7 +362,7 @@ def _vram_of(args) -> tuple[float | None, str]:
 
 def cmd_plan(args) -> int:
     from engine.catalog import CatalogError
-    from engine.planner import model_shape, plan
+    from engine.planner import model_shape, plan, stack_for
 
     try:
         model = model_shape(args.model)
@@ -371,15 +374,19 @@ def cmd_plan(args) -> int:
     vram, source = _vram_of(args)
     if args.num_gpus > 1 or args.strategy != "auto":
         return _plan_several(args, model, vram, source)
-    result = plan(model, args.max_seq_len, args.micro_batch, args.lora_r, vram)
+    result = plan(model, args.max_seq_len, args.micro_batch, args.lora_r, vram,
+                  stack_for(args.kernels, "cuda"))
     if args.json:
         values = result.to_dict()
         values["fits"] = result.fits if vram is not None else None
         print(json.dumps(values, indent=1))
         return 0
     print(f"{model.name}: {args.max_seq_len} tokens x micro-batch {args.micro_batch}, LoRA r={args.lora_r}")
+    print(f"kernels {args.kernels}: " + (", ".join(result.pieces) + " (presets/kernels.yaml)"
+                                         if result.pieces else "the reference QLoRA stack"))
     for part, gb in result.parts.items():
-        print(f"  {part:<40} {gb:7.2f} GB")
+        how = f"  ({result.held_as[part]})" if part in result.held_as else ""
+        print(f"  {part:<40} {gb:7.2f} GB{how}")
     print(f"  {'total':<40} {result.total_gb:7.2f} GB")
     if vram is None:
         print(f"{source}: pass --gpu or --vram-gb for a verdict")

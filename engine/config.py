@@ -97,6 +97,9 @@ class RunConfig:
                                            label="Gradient checkpointing")
     optimizer: str = setting("auto", "auto = paged_adamw_32bit on CUDA, adamw_torch on CPU",
                              label="Optimizer")
+    kernels: str = setting("auto", "our faster, leaner training path (kernels/) where a benchmark "
+                           "on this kind of device showed it pays; off = the reference QLoRA stack",
+                           label="Training kernels", choices=("auto", "off"))
     device: str = setting("auto", "auto = cuda if available, else cpu", label="Device",
                           choices=("auto", "cuda", "cpu"))
     gpu: int = setting(-1, "which GPU, as nvidia-smi numbers them (-1 = the most free memory at start)",
@@ -108,7 +111,8 @@ class RunConfig:
                                  "may use several too); each trains on its share of every batch",
                                  label="Processes on this machine")
     strategy: str = setting("auto", "how several processes share the work: ddp = each holds the "
-                            "whole model (auto picks it)", label="Multi-process strategy",
+                            "whole model, fsdp = the model sharded over them; auto = what the "
+                            "planner picks", label="Multi-process strategy",
                             choices=STRATEGIES)
     num_machines: int = setting(1, "machines training this run together", label="Machines")
     machine_rank: int = setting(0, "this machine's number among them (0 = the main machine)",
@@ -158,6 +162,8 @@ class RunConfig:
             problems.append(f"quant_type '{self.quant_type}' is unknown: use nf4 or fp4")
         if self.compute_dtype not in ("auto", "bf16", "fp16", "fp32"):
             problems.append(f"compute_dtype '{self.compute_dtype}' is unknown: use auto, bf16, fp16, fp32")
+        if self.kernels not in ("auto", "off"):
+            problems.append(f"kernels '{self.kernels}' is unknown: use auto or off")
         if self.gpu < -1:
             problems.append(f"gpu {self.gpu} is not a GPU number: use -1 (the one with the most "
                             "free memory) or an index as nvidia-smi lists them (0, 1, ...)")
@@ -189,9 +195,6 @@ class RunConfig:
             problems.append("set either gpu (one GPU) or gpus (several), not both")
         if self.strategy not in STRATEGIES:
             problems.append(f"strategy '{self.strategy}' is unknown: use {', '.join(STRATEGIES)}")
-        elif self.strategy == "fsdp":
-            problems.append("strategy fsdp (a model sharded over the GPUs) is not available yet: "
-                            "use ddp, which needs the model to fit on each GPU")
         if self.num_machines < 1:
             problems.append("num_machines must be at least 1")
         elif not 0 <= self.machine_rank < self.num_machines:

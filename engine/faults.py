@@ -55,7 +55,7 @@ def oom_message(run: RunDir, cfg: RunConfig, retries: int = 0) -> str:
 def model_too_big_message(cfg: RunConfig) -> str:
     """Out of memory while loading the model, before any step: a smaller batch cannot help."""
     from engine.catalog import CatalogError
-    from engine.planner import detected_vram, model_shape, plan
+    from engine.planner import detected_vram, model_shape, plan, stack_for
 
     free_gb, total_gb = detected_vram()
     try:
@@ -66,7 +66,8 @@ def model_too_big_message(cfg: RunConfig) -> str:
     text = (f"{name} does not fit in the GPU's memory: it ran out while loading the model, "
             "before training began.")
     if shape:
-        need = plan(shape, cfg.max_seq_len, cfg.micro_batch_size, cfg.lora_r).total_gb
+        need = plan(shape, cfg.max_seq_len, cfg.micro_batch_size, cfg.lora_r,
+                    stack=stack_for(cfg.kernels, "cuda", cfg.optimizer)).total_gb
         text += f" This run needs about {need:.1f} GB by our estimate."
     if free_gb is not None:
         text += f" The GPU has {free_gb:.1f} GB free of {total_gb:.1f} GB"

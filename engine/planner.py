@@ -42,18 +42,35 @@ Calibration (tests/test_planner.py holds each within the tolerance named there):
   LoRA rank 8 without dropout, chunked loss) is far enough from ours that we only check the same
   formula with its settings lands within 15%.
 Not yet measured on our engine: bench/memory.md says how (bench/gpu_check.py).
+
+`kernels: auto` (stack_for): each piece of our kernels/ package that presets/kernels.yaml turns on
+for the device class changes its own term of OUR_STACK, and nothing else:
+- chunked_loss: the loss peak covers one chunk of LOSS_CHUNK_TOKENS tokens, not the whole batch.
+- lora16: LoRA weights and gradients in 16 bits (2 + 2 bytes), as qlora.py keeps them; the AdamW
+  state stays 32-bit, and on CUDA it is paged (bitsandbytes' paged AdamW), so the plan reports it
+  as what may spill to CPU RAM instead of counting it in VRAM, as PAPER_STACK does. That is how the
+  `paper` recipe fits LLaMA 33B on a 24 GB card at 512 tokens (tests/test_planner_kernels.py).
+- lora4bit, on CUDA: the dequantisation buffers it keeps for the whole run, one per weight shape
+  of a block, shared by every layer, instead of the largest weight dequantised afresh for each
+  matmul (bitsandbytes' MatMul4Bit frees it after; it saves only the packed weight). On the CPU,
+  where bitsandbytes has no in-place dequantisation, it dequantises afresh too: no term changes.
+  Its saved activations (no LoRA dropout copies) are smaller than peft's, but not counted: the
+  layer constants come from a fit, and the GPU benchmark will measure it.
+- padding_free changes no term: the plan is for full-length rows, the worst case a batch can
+  reach, where there are no pad tokens to drop.
 Several GPUs (DDP, FSDP-QLoRA): engine/planner_multi.py, from memory_bytes' parts.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import yaml
 
 from engine.catalog import CatalogError, CatalogModel, find, load_catalog, shape_from_config
 from engine.config import PRESETS_DIR
+from engine.kernel_choice import KernelChoiceError, kernel_pieces
 
 GIB = 1024**3
 NF4_DOUBLE_QUANT_BITS = 4.127  # 4 + 8/64 + 32/(64*256)
@@ -70,6 +87,7 @@ SAFETY = 0.90  # plan for 90% of free VRAM: the estimate's tolerance, fragmentat
 # SmolLM2-135M (2 cores) at about 90 tokens/s (7,184 tokens in 78 s; bench/cpu_train.md: 71 at r=64).
 CPU_FLOPS = 7.5e10
 GPU_UTILISATION = 0.30  # share of the dense tensor rate QLoRA reaches (4-bit dequant each matmul)
+LOSS_CHUNK_TOKENS = 1024  # the tokens kernels/' chunked cross-entropy computes at a time
 
 
 @dataclass(frozen=True)
@@ -82,6 +100,9 @@ class Stack:
     logits_bytes: float = 12.0  # per token per vocab entry at the loss peak
     layer_scale: float = 1.0  # the recomputed block's working set relative to ours
     lora_modules: str = "all-linear"  # or "attn-qv+o+mlp" (torchtune's default)
+    loss_chunk_tokens: int = 0  # the loss over this many tokens at a time (0: the whole batch)
+    dequant_per_shape: bool = False  # one kept dequantisation buffer per weight shape (lora4bit)
+    pieces: tuple[str, ...] = ()  # the kernels/ pieces this stack assumes (stack_for)
 
 
 OUR_STACK = Stack(upcast_fp32=False)  # engine/train.py casts embeddings and head back to 16 bits
@@ -106,6 +127,9 @@ class Plan:
     vram_gb: float | None  # the memory it was checked against (None = not checked)
     fits: bool
     why: str
+    pieces: list[str] = field(default_factory=list)  # the kernels/ pieces it assumed
+    paged_gb: float = 0.0  # paged optimizer state: may spill to CPU RAM, so not in total_gb
+    held_as: dict[str, str] = field(default_factory=dict)  # part -> how the stack stores it
 
     def to_dict(self) -> dict:
         values = asdict(self)
@@ -151,31 +175,85 @@ def memory_bytes(model: CatalogModel, max_seq_len: int = 512, micro_batch: int =
         attention = micro_batch * model.heads * max_seq_len**2 * EAGER_ATTENTION_BYTES
     n_lora = lora_params(model, lora_r, stack.lora_modules)
     optimizer = n_lora * stack.optimizer_bytes
+    loss_tokens = min(tokens, stack.loss_chunk_tokens or tokens)
     return {
         WEIGHTS: model.quantized_params * bits / 8,
         unquantized_part(stack): (model.embedding_params + model.other_params) * wide,
         LORA: n_lora * stack.lora_bytes,
         OPTIMIZER: optimizer if stack.optimizer_resident else 0.0,
         ACTIVATIONS: tokens * (model.layers * model.hidden * wide + layer) + attention,
-        LOGITS: tokens * model.vocab * stack.logits_bytes + head_copy,
-        CONTEXT: CUDA_CONTEXT_GB * GIB + dequant_buffer_bytes(model),
+        LOGITS: loss_tokens * model.vocab * stack.logits_bytes + head_copy,
+        CONTEXT: CUDA_CONTEXT_GB * GIB + dequant_buffer_bytes(model, stack.dequant_per_shape),
     }
 
 
-def dequant_buffer_bytes(model: CatalogModel) -> float:
-    """The largest weight dequantized to 16 bits for its matmul, and its gradient's twin."""
-    return 2 * 2 * model.hidden * max(model.intermediate, model.heads * model.head_size)
+def dequant_buffer_bytes(model: CatalogModel, per_shape: bool = False) -> float:
+    """The largest weight dequantized to 16 bits for its matmul, and its gradient's twin; per_shape:
+    the 16-bit buffers kernels/lora4bit keeps instead, one per distinct weight shape of a block (as
+    separate projections: a fused qkv or gate_up holds one buffer of their summed size instead)."""
+    h, i = model.hidden, model.intermediate
+    q, kv = model.heads * model.head_size, model.kv_heads * model.head_size
+    if not per_shape:
+        return 2 * 2 * h * max(i, q)
+    return 2 * sum(rows * columns for rows, columns in {(q, h), (kv, h), (h, q), (i, h), (h, i)})
+
+
+def stack_for(kernels: str = "off", device: str = "cuda", optimizer: str = "auto") -> Stack:
+    """The stack a run with these settings trains with: OUR_STACK for `kernels: off`; for `auto`,
+    OUR_STACK with each piece presets/kernels.yaml turns on for the device class (module doc).
+    optimizer: the run's; its state is paged only where bitsandbytes' paged AdamW runs."""
+    if kernels == "off":
+        return OUR_STACK
+    if kernels != "auto":
+        raise KernelChoiceError(f"kernels '{kernels}' is unknown: use auto or off.")
+    return stack_with(kernel_pieces(device), device, optimizer)
+
+
+def stack_with(pieces, device: str = "cuda", optimizer: str = "auto") -> Stack:
+    """OUR_STACK with these kernels/ pieces on; each changes its own term (module doc)."""
+    pieces = tuple(pieces)
+    stack = replace(OUR_STACK, pieces=pieces)
+    if "lora4bit" in pieces and device == "cuda":
+        stack = replace(stack, dequant_per_shape=True)
+    if "chunked_loss" in pieces:
+        stack = replace(stack, loss_chunk_tokens=LOSS_CHUNK_TOKENS)
+    if "lora16" in pieces:  # qlora.py's storage, on which the paper's 33B-in-24-GB figure rests
+        paged = device == "cuda" and (optimizer == "auto" or optimizer.startswith("paged_"))
+        stack = replace(stack, lora_bytes=4, optimizer_resident=not paged)
+    return stack
 
 
 def plan(model: CatalogModel, max_seq_len: int = 512, micro_batch: int = 1, lora_r: int = 64,
          vram_gb: float | None = None, stack: Stack = OUR_STACK, double_quant: bool = True) -> Plan:
     parts = memory_bytes(model, max_seq_len, micro_batch, lora_r, stack, double_quant)
-    return plan_from_parts(model, parts, max_seq_len, micro_batch, lora_r, vram_gb)
+    return plan_from_parts(model, parts, max_seq_len, micro_batch, lora_r, vram_gb, stack=stack)
+
+
+def storage_words(model: CatalogModel, max_seq_len: int, micro_batch: int, lora_r: int,
+                  stack: Stack) -> tuple[dict[str, str], float]:
+    """How the stack stores the parts that differ between stacks, in words, and the bytes of
+    optimizer state it pages (0 when that state is held in VRAM)."""
+    paged = 0.0 if stack.optimizer_resident else (
+        lora_params(model, lora_r, stack.lora_modules) * stack.optimizer_bytes)
+    state = f"{stack.optimizer_bytes * 4}-bit AdamW state"
+    tokens = max_seq_len * micro_batch
+    words = {
+        LORA: f"{stack.lora_bytes * 4}-bit weights and gradients",
+        OPTIMIZER: (f"{state}, paged: {paged / GIB:.2f} GB may spill to CPU RAM, so it is not "
+                    "counted here" if paged else f"{state}, counted in GPU memory"),
+        LOGITS: (f"the loss in chunks of {stack.loss_chunk_tokens} tokens"
+                 if 0 < stack.loss_chunk_tokens < tokens else "the loss over all tokens at once"),
+        CONTEXT: ("16-bit weights dequantised into one kept buffer per weight shape"
+                  if stack.dequant_per_shape else "the largest weight dequantised for its matmul"),
+    }
+    return words, paged
 
 
 def plan_from_parts(model: CatalogModel, parts: dict[str, float], max_seq_len: int,
-                    micro_batch: int, lora_r: int, vram_gb: float | None) -> Plan:
-    """A Plan from one GPU's parts in bytes: totals, what torch counts, whether it fits."""
+                    micro_batch: int, lora_r: int, vram_gb: float | None,
+                    stack: Stack | None = None) -> Plan:
+    """A Plan from one GPU's parts in bytes: totals, what torch counts, whether it fits; with the
+    stack they came from, also how it holds them and the pieces it assumed."""
     parts = {name: round(value / GIB, 3) for name, value in parts.items()}
     total = round(sum(parts.values()), 2)
     # paged optimizer state lives in CUDA managed memory, which torch's counters do not see
@@ -185,9 +263,13 @@ def plan_from_parts(model: CatalogModel, parts: dict[str, float], max_seq_len: i
     why = f"{model.name}: {total:.1f} GB{where} at {max_seq_len} tokens"
     if micro_batch > 1:
         why += f" x micro-batch {micro_batch}"
-    return Plan(model=model.id, name=model.name, max_seq_len=max_seq_len, micro_batch=micro_batch,
-                lora_r=lora_r, parts=parts, total_gb=total, torch_gb=torch_gb, vram_gb=vram_gb,
-                fits=fits, why=why)
+    result = Plan(model=model.id, name=model.name, max_seq_len=max_seq_len,
+                  micro_batch=micro_batch, lora_r=lora_r, parts=parts, total_gb=total,
+                  torch_gb=torch_gb, vram_gb=vram_gb, fits=fits, why=why)
+    if stack is not None:
+        result.held_as, paged = storage_words(model, max_seq_len, micro_batch, lora_r, stack)
+        result.paged_gb, result.pieces = round(paged / GIB, 3), list(stack.pieces)
+    return result
 
 
 def model_shape(name: str) -> CatalogModel | None:
@@ -202,12 +284,12 @@ def model_shape(name: str) -> CatalogModel | None:
 
 
 def longest_fit(model: CatalogModel, vram_gb: float, micro_batch: int = 1, lora_r: int = 64,
-                step: int = 64) -> int:
+                step: int = 64, stack: Stack = OUR_STACK) -> int:
     """The longest max_seq_len (a multiple of `step`, up to the model's context) that fits; 0 if none."""
     low, high = 0, model.max_context // step  # memory grows with length: bisect on multiples of step
     while low < high:
         middle = (low + high + 1) // 2
-        if plan(model, middle * step, micro_batch, lora_r, vram_gb).fits:
+        if plan(model, middle * step, micro_batch, lora_r, vram_gb, stack).fits:
             low = middle
         else:
             high = middle - 1
@@ -215,7 +297,8 @@ def longest_fit(model: CatalogModel, vram_gb: float, micro_batch: int = 1, lora_
 
 
 def preflight(model_name: str, max_seq_len: int, micro_batch: int, lora_r: int,
-              free_vram_gb: float | None, total_vram_gb: float | None = None) -> str | None:
+              free_vram_gb: float | None, total_vram_gb: float | None = None,
+              stack: Stack = OUR_STACK) -> str | None:
     """None when the run may start; otherwise why it would run out of memory and what to change.
 
     free_vram_gb None means no GPU: training runs on the CPU, and nothing here blocks it.
@@ -229,7 +312,7 @@ def preflight(model_name: str, max_seq_len: int, micro_batch: int, lora_r: int,
         return None
     if model is None:
         return None
-    result = plan(model, max_seq_len, micro_batch, lora_r, free_vram_gb)
+    result = plan(model, max_seq_len, micro_batch, lora_r, free_vram_gb, stack)
     if result.fits:
         return None
     text = (f"{model.name} at {max_seq_len} tokens x micro-batch {micro_batch} (LoRA r={lora_r}) needs "
@@ -239,17 +322,17 @@ def preflight(model_name: str, max_seq_len: int, micro_batch: int, lora_r: int,
         text += (f" Other programs hold {total_vram_gb - free_vram_gb:.1f} GB of the card: closing "
                  "them frees it.")
     fixes = []
-    length = longest_fit(model, free_vram_gb, micro_batch, lora_r)
+    length = longest_fit(model, free_vram_gb, micro_batch, lora_r, stack=stack)
     if length:
         fixes.append(f"set max_seq_len to {length} or less")
     if micro_batch > 1:
-        single = longest_fit(model, free_vram_gb, 1, lora_r)
+        single = longest_fit(model, free_vram_gb, 1, lora_r, stack=stack)
         if single >= max_seq_len:
             fixes.append(f"set micro_batch_size to 1 (and grad_accum_steps {micro_batch}x higher)")
         elif single > length:
             fixes.append(f"set micro_batch_size to 1 and max_seq_len to {single} or less")
     if lora_r > 16:
-        low_rank = longest_fit(model, free_vram_gb, micro_batch, 16)
+        low_rank = longest_fit(model, free_vram_gb, micro_batch, 16, stack=stack)
         if low_rank >= max_seq_len:
             fixes.append("lower the LoRA rank to 16")
         elif low_rank > length:
@@ -264,8 +347,13 @@ def config_refusal(cfg, vram_gb: float | None = None, our_run_holds_gpu: bool = 
     vram_gb: free GB to plan for; without it the free memory of the GPU the run will use (cfg.gpu),
     and a CPU run is never refused. our_run_holds_gpu: one of our runs trains now, so a new run
     waits in the queue and gets the whole card once that run ends (its total, not today's free
-    memory, counts).
+    memory, counts). It plans the stack the run trains with (cfg.kernels, cfg.optimizer). A run
+    on several processes is planned per GPU, as its launcher will split it (planner_multi).
     """
+    if cfg.several_processes():
+        from engine.planner_multi import layout_refusal
+
+        return layout_refusal(cfg, vram_gb, our_run_holds_gpu)
     total = None
     if vram_gb is None:
         if cfg.device == "cpu":
@@ -275,7 +363,8 @@ def config_refusal(cfg, vram_gb: float | None = None, our_run_holds_gpu: bool = 
             vram_gb, total = min(gpu.free_gb + chat_held_gb(gpu), gpu.total_gb), gpu.total_gb
             if our_run_holds_gpu:
                 vram_gb = total
-    return preflight(cfg.model, cfg.max_seq_len, cfg.micro_batch_size, cfg.lora_r, vram_gb, total)
+    return preflight(cfg.model, cfg.max_seq_len, cfg.micro_batch_size, cfg.lora_r, vram_gb, total,
+                     stack_for(cfg.kernels, "cuda", cfg.optimizer))
 
 
 @dataclass

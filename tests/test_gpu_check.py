@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from engine.catalog import find
-from engine.planner import plan
+from engine.planner import plan, stack_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "gpu_check.py"
@@ -154,7 +154,7 @@ def fake_child(off: dict | None = None, chat_ok: bool = True):
         model_id = Path(o["model"]).name
         length = o["max_seq_len"]
         planned = plan(gpu_check.truncated_shape(model_id), length, o["micro_batch_size"],
-                       o["lora_r"]).torch_gb
+                       o["lora_r"], stack=stack_for("auto", "cuda")).torch_gb
         measured = planned / (1 + off.get((model_id, length), 0.05))
         return {**base, "reserved_gb": measured, "allocated_gb": measured - 0.3,
                 "load_reserved_gb": measured - 0.5, "train_reserved_gb": measured,
@@ -166,6 +166,12 @@ def fake_child(off: dict | None = None, chat_ok: bool = True):
 def _run_main(monkeypatch, tmp_path, args, **fake):
     monkeypatch.setattr(gpu_check, "no_cuda_line", lambda: None)
     monkeypatch.setattr(gpu_check.Check, "child", fake_child(**fake))
+    import train_step  # section 6 runs bench/train_step.py's cases: their figures, faked
+
+    monkeypatch.setattr(train_step, "measure", lambda case, *args, **kwargs: {
+        "case": case, "ours_tokens_per_s": 1800.0, "reference_tokens_per_s": 1000.0,
+        "speedup": 1.8, "ours_peak_gb": 9.0, "reference_peak_gb": 16.0, "max_loss_diff": 0.004,
+        "ours_bf16_peak_fraction": 0.31})
     out = tmp_path / "results"
     code = gpu_check.main([*args, "--out", str(out)])
     return code, out
@@ -179,7 +185,8 @@ def test_everything_passing_exits_0_and_writes_the_report(monkeypatch, tmp_path,
     assert report in capsys.readouterr().out  # the same tables on stdout
     for text in ("# GPU check: NVIDIA GeForce RTX 3060", "driver: 550.54.14", "command: `python "
                  "bench/gpu_check.py --out", "PASS", "## 1. Peak VRAM against the planner",
-                 "## 5. Chat and training share the GPU", "(4 of 32 layers)", "+5.0%", "1.05x"):
+                 "## 5. Chat and training share the GPU", "(4 of 32 layers)", "+5.0%", "1.05x",
+                 "## 6. Our kernels", "llama-8b-8192"):
         assert text in report, text
     assert report.index("## 1.") < report.index("## 2.") < report.index("## 5.")
     data = json.loads((out / f"{name}.json").read_text())

@@ -262,7 +262,10 @@ def test_cli_plan_and_recommend_json(tmp_path):
     assert code == 0, err
     values = json.loads(out)
     assert values["model"] == "gpt-j-6b" and values["fits"] is True and values["vram_gb"] == 12
-    assert values["total_gb"] == plan(find("gpt-j-6b"), 1024, 1, 16, 12).total_gb
+    # plan assumes a run's default, `kernels: auto`, and names the pieces that assumes
+    auto = planner.stack_for("auto", "cuda")
+    assert values["total_gb"] == plan(find("gpt-j-6b"), 1024, 1, 16, 12, auto).total_gb
+    assert values["pieces"] == list(auto.pieces) and "lora16" in values["pieces"]
     assert sum(values["breakdown"].values()) == pytest.approx(values["total_gb"], abs=0.02)
     out, err, code = results["recommend"]
     assert code == 0, err
