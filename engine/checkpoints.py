@@ -20,6 +20,8 @@ MARKER = "checkpoint.complete"
 PREFIX = "checkpoint-"
 # What a resume needs; without any of these, the folder is not a checkpoint we can continue from.
 REQUIRED = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
+# In a checkpoint of a sharded (FSDP) run, the folder its processes write together instead.
+SHARDED = {"adapter_model.safetensors": "pytorch_model_fsdp_0", "optimizer.pt": "optimizer_0"}
 
 
 def step_of(path: Path) -> int:
@@ -49,14 +51,17 @@ def problem(path: Path, trainable_params=()) -> str:
     path = Path(path)
     for name in REQUIRED:
         file = path / name
-        if not file.is_file() or file.stat().st_size == 0:
+        shards = path / SHARDED.get(name, name)
+        if (not file.is_file() or file.stat().st_size == 0) and not \
+                (shards.is_dir() and any(shards.iterdir())):
             return f"{name} is missing or empty"
     try:
         json.loads((path / "trainer_state.json").read_text())
     except (OSError, ValueError):
         return "trainer_state.json is unreadable"
     for param in trainable_params:
-        if not bool(param.detach().isfinite().all()):
+        local = param.to_local() if hasattr(param, "to_local") else param  # this process's shard
+        if not bool(local.detach().isfinite().all()):
             return "the adapter weights are not finite (NaN/inf)"
     return ""
 
@@ -64,12 +69,13 @@ def problem(path: Path, trainable_params=()) -> str:
 def mark_complete(path: Path) -> None:
     """Flush every file of the checkpoint to disk, then add the marker (itself written atomically)."""
     path = Path(path)
-    for file in path.iterdir():
+    for file in path.rglob("*"):  # a sharded checkpoint's folders too
         if file.is_file():
             # Opened for writing: Windows refuses to fsync a read-only handle (EBADF).
             with open(file, "r+b") as fh:
                 os.fsync(fh.fileno())
-    _fsync_dir(path)  # the files' names are on disk before the marker is
+    for folder in [path, *(sub for sub in path.rglob("*") if sub.is_dir())]:
+        _fsync_dir(folder)  # the files' names are on disk before the marker is
     tmp = path / (MARKER + ".tmp")
     tmp.write_text("complete\n")
     os.replace(tmp, path / MARKER)

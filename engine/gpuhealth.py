@@ -1,9 +1,10 @@
 """GPU health while a run trains: how busy, full, hot and power-hungry the card is, and whether it
 slows itself down (throttles). Sampled through NVML, not torch, so it costs training nothing.
 
-The training process runs a GpuSampler around trainer.train; it appends one JSON object per sample
-to the run directory's gpu.jsonl (append-only, like metrics.jsonl), which the UI reads with
-read_health and puts into words with health_summary. A CPU run samples nothing and writes no file.
+The training process (the main one of a run on several) runs a GpuSampler around trainer.train;
+it appends one JSON object per GPU the run holds and sample to the run directory's gpu.jsonl
+(append-only, like metrics.jsonl), which the UI reads with read_health and puts into words with
+health_summary. A CPU run samples nothing and writes no file.
 """
 
 from __future__ import annotations
@@ -37,39 +38,43 @@ def health_path(run: RunDir | str | Path) -> Path:
     return _run(run).path / FILE_NAME
 
 
-def gpu_index(run: RunDir, device: str) -> int | None:
-    """The NVML index of the GPU this training process uses; None on the CPU. The runner pins the
-    process with CUDA_VISIBLE_DEVICES=<NVML index> and CUDA_DEVICE_ORDER=PCI_BUS_ID and records the
-    index in status.json's gpu field."""
+def gpu_indices(run: RunDir, device: str) -> list[int]:
+    """The NVML indices of the GPUs the run trains on here ([] on the CPU). The runner pins the
+    training process, and with it all of a run's processes, with CUDA_VISIBLE_DEVICES=<NVML
+    indices> and CUDA_DEVICE_ORDER=PCI_BUS_ID, and records the indices in status.json's gpus
+    field (gpu: the first)."""
     if device != "cuda":
-        return None
+        return []
     pinned = visible_indices()
     if pinned:
-        return pinned[0]
+        return pinned
     status = run.read_status()
+    if status.get("gpus"):
+        return list(status["gpus"])
     if isinstance(status.get("gpu"), int):
-        return status["gpu"]
-    return 0  # started by hand, unpinned: almost always a one-GPU machine
+        return [status["gpu"]]
+    return [0]  # started by hand, unpinned: almost always a one-GPU machine
 
 
 class GpuSampler:
-    """Samples one GPU every `interval_s` seconds on a daemon thread until stop() (or the end of a
-    `with` block). Any NVML error is logged once and ends the sampling, never the training."""
+    """Samples the GPUs `indices` (NVML's numbers) every `interval_s` seconds on a daemon thread
+    until stop() (or the end of a `with` block). Any NVML error is logged once and ends the
+    sampling, never the training."""
 
-    def __init__(self, run: RunDir, index: int | None, interval_s: float = INTERVAL_S,
+    def __init__(self, run: RunDir, indices: list[int], interval_s: float = INTERVAL_S,
                  step: Callable[[], int | None] | None = None):
         self.run = _run(run)
-        self.index = index
+        self.indices = list(indices)
         self.interval_s = interval_s
         self.step = step
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._nvml = None
-        self._handle = None
+        self._handles: dict[int, object] = {}
 
     def start(self) -> bool:
         """Begin sampling; False (and nothing written) without a GPU or without NVML."""
-        if self.index is None:
+        if not self.indices:
             return False
         try:
             import pynvml
@@ -81,9 +86,11 @@ class GpuSampler:
             log.warning("GPU health is not sampled: NVML did not start (%s)", exc)
             return False
         try:
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(self.index)
+            self._handles = {index: pynvml.nvmlDeviceGetHandleByIndex(index)
+                             for index in self.indices}
         except Exception as exc:  # noqa: BLE001
-            log.warning("GPU health is not sampled: NVML has no GPU %s (%s)", self.index, exc)
+            log.warning("GPU health is not sampled: NVML has no GPU %s (%s)",
+                        ", ".join(map(str, self.indices)), exc)
             _shutdown(pynvml)
             return False
         self._nvml = pynvml
@@ -108,9 +115,13 @@ class GpuSampler:
     def __exit__(self, *exc_info) -> None:
         self.stop()
 
-    def sample(self) -> dict:
-        """One record, read now."""
-        nvml, handle = self._nvml, self._handle
+    def sample(self) -> list[dict]:
+        """One record per GPU, read now (all with the same time and step)."""
+        now, step = round(time.time(), 2), self.step() if self.step else None
+        return [self._record(index, handle, now, step) for index, handle in self._handles.items()]
+
+    def _record(self, index: int, handle, now: float, step: int | None) -> dict:
+        nvml = self._nvml
         memory = nvml.nvmlDeviceGetMemoryInfo(handle)
         power_mw = _optional(nvml, nvml.nvmlDeviceGetPowerUsage, handle)
         limit_mw = _optional(nvml, nvml.nvmlDeviceGetEnforcedPowerLimit, handle)
@@ -118,9 +129,9 @@ class GpuSampler:
             or nvml.nvmlDeviceGetCurrentClocksThrottleReasons  # the name before driver 535
         bits = _optional(nvml, reasons, handle)
         return {
-            "time": round(time.time(), 2),
-            "step": self.step() if self.step else None,
-            "gpu": self.index,
+            "time": now,
+            "step": step,
+            "gpu": index,
             "util_pct": nvml.nvmlDeviceGetUtilizationRates(handle).gpu,
             "mem_used_gb": round(memory.used / GIB, 2),
             "mem_total_gb": round(memory.total / GIB, 2),
@@ -134,8 +145,8 @@ class GpuSampler:
     def _loop(self) -> None:
         while True:
             try:
-                record = self.sample()
-                append_line(health_path(self.run), record)
+                for record in self.sample():
+                    append_line(health_path(self.run), record)
             except Exception as exc:  # noqa: BLE001 - health is a nicety; training must go on
                 log.warning("GPU health sampling stopped: %s: %s", type(exc).__name__, exc)
                 return
@@ -154,11 +165,14 @@ def read_health(run: RunDir | str | Path) -> list[dict]:
 
 
 def health_summary(records: list[dict]) -> str:
-    """The newest sample in words, e.g. "GPU 0: 97% busy, 10.2 of 12.0 GB, 71 C, 280 of 350 W",
-    followed by what slows the GPU down when it throttles; "" without samples."""
-    if not records:
-        return ""
-    r = records[-1]
+    """The newest sample of each GPU in words, a paragraph each (the summary is shown as
+    Markdown, where a single line break is none), e.g. "GPU 0: 97% busy, 10.2 of 12.0 GB, 71 C,
+    280 of 350 W", followed by what slows the GPU down when it throttles; "" without samples."""
+    newest = {record.get("gpu", 0): record for record in records}
+    return "\n\n".join(_gpu_words(newest[gpu]) for gpu in sorted(newest))
+
+
+def _gpu_words(r: dict) -> str:
     parts = [f"{r['util_pct']:.0f}% busy", f"{r['mem_used_gb']:.1f} of {r['mem_total_gb']:.1f} GB"]
     if r.get("temp_c") is not None:
         parts.append(f"{r['temp_c']:.0f} C")

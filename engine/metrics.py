@@ -99,10 +99,11 @@ def health_rows(records: list[dict]) -> list[dict]:
     if not samples:
         return []
     start = min(r["time"] for r in samples)
+    several = len({r.get("gpu") for r in samples}) > 1  # a run on several GPUs: a line per GPU
     rows = []
     for name, field in (("utilisation %", "util_pct"), ("temperature C", "temp_c")):
         for r in samples:
             if _finite(r.get(field)):
                 rows.append({"minute": round((r["time"] - start) / 60, 3), "value": r[field],
-                             "series": name})
+                             "series": f"GPU {r.get('gpu')} {name}" if several else name})
     return rows

@@ -428,8 +428,10 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
 
 
 def load_quantized_model(source: str, quant_type: str, double_quant: bool, dtype, device: str,
-                         trust_remote_code: bool = False):
-    """The base model with its linear weights in 4-bit (bitsandbytes), the rest in `dtype`."""
+                         trust_remote_code: bool = False, quant_storage=None):
+    """The base model with its linear weights in 4-bit (bitsandbytes), the rest in `dtype`;
+    quant_storage: the dtype holding the 4-bit codes (None: uint8; FSDP needs a float dtype)."""
+    import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if _pickle_entry(source):  # only its converted safetensors copy can be loaded
@@ -441,6 +443,7 @@ def load_quantized_model(source: str, quant_type: str, double_quant: bool, dtype
         bnb_4bit_quant_type=quant_type,
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=quant_storage or torch.uint8,
     )
     with explained(source):
         return AutoModelForCausalLM.from_pretrained(

@@ -25,9 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.catalog import CatalogModel, load_catalog
-from engine.planner import (LORA, NF4_BITS, NF4_DOUBLE_QUANT_BITS, OPTIMIZER, OUR_STACK, WEIGHTS,
-                            Plan, Stack, lora_params, memory_bytes, plan_from_parts,
-                            unquantized_part)
+from engine.planner import (LORA, NF4_BITS, NF4_DOUBLE_QUANT_BITS, OPTIMIZER, OUR_STACK,
+                            SAFETY, WEIGHTS, Plan, Stack, lora_params, memory_bytes,
+                            plan_from_parts, unquantized_part)
 
 STRATEGIES = ("auto", "ddp", "fsdp")
 # Answer.AI's fsdp_qlora train.py at its README's settings (--precision bf16, LoRA r=64 on all
@@ -102,12 +102,14 @@ def fsdp_parts(model: CatalogModel, num_gpus: int, max_seq_len: int, micro_batch
 def plan_layout(model: CatalogModel, num_gpus: int = 1, strategy: str = "auto",
                 max_seq_len: int = 512, micro_batch: int = 1, lora_r: int = 64,
                 vram_gb: float | None = None, cpu_offload: bool | None = None,
-                stack: Stack = OUR_STACK, double_quant: bool = True) -> Layout:
+                stack: Stack = OUR_STACK, double_quant: bool = True,
+                ddp_stack: Stack | None = None) -> Layout:
     """The plan of a run on num_gpus GPUs of vram_gb each (free GB per GPU; None: not checked).
 
     strategy "ddp" or "fsdp" plans that one; "auto" takes DDP when the whole run fits one GPU
     (faster: nothing but LoRA gradients crosses between GPUs), else FSDP, else FSDP with its
-    shards in CPU RAM. cpu_offload True or False forces FSDP's offload either way.
+    shards in CPU RAM. cpu_offload True or False forces FSDP's offload either way. ddp_stack:
+    the stack DDP (and one GPU) trains with where it differs from FSDP's (run_layout).
     """
     if strategy not in STRATEGIES:
         raise StrategyError(f"Unknown multi-GPU strategy '{strategy}': use one of "
@@ -115,13 +117,15 @@ def plan_layout(model: CatalogModel, num_gpus: int = 1, strategy: str = "auto",
     if num_gpus < 1:
         raise StrategyError(f"A run needs at least 1 GPU, not {num_gpus}.")
     shape = (max_seq_len, micro_batch, lora_r)
+    unsharded = ddp_stack or stack
     if num_gpus == 1:
-        parts = memory_bytes(model, *shape, stack, double_quant)
-        return Layout(1, "single", False, plan_from_parts(model, parts, *shape, vram_gb), 0.0, 1.0,
-                      "one GPU holds the whole run", "one GPU")
+        parts = memory_bytes(model, *shape, unsharded, double_quant)
+        single = plan_from_parts(model, parts, *shape, vram_gb, stack=unsharded)
+        return Layout(1, "single", False, single, 0.0, 1.0, "one GPU holds the whole run",
+                      "one GPU")
 
     def ddp() -> Layout:
-        parts = ddp_parts(model, *shape, stack, double_quant)
+        parts = ddp_parts(model, *shape, unsharded, double_quant)
         return Layout(num_gpus, "ddp", False, plan_from_parts(model, parts, *shape, vram_gb), 0.0,
                       float(num_gpus), f"each of the {num_gpus} GPUs holds the whole 4-bit model "
                       f"and trains its own micro-batches: up to {num_gpus}x the tokens/s of one")
@@ -156,6 +160,81 @@ def plan_layout(model: CatalogModel, num_gpus: int = 1, strategy: str = "auto",
         layout.why = (f"does not fit even sharded ({layout.per_gpu.total_gb:.1f} GB per GPU"
                       f"{free}); {layout.why}")
     return layout
+
+
+def run_layout(cfg, free_gbs: list[float]) -> Layout | None:
+    """The layout a run on several processes trains with, each GPU checked against the least
+    free memory among free_gbs (this machine's GPUs for the run): its strategy, or for auto what
+    plan_layout picks; on several machines auto means DDP, as each machine would decide from its
+    own GPUs, maybe differently. The launcher (engine/fsdp.choose) and the pre-flight check
+    (layout_refusal) both plan here, so a run is never refused for a layout it would not take.
+    None when the planner does not know the model's size."""
+    from engine.planner import model_shape, stack_for
+
+    shape = model_shape(cfg.model)
+    if shape is None:
+        return None
+    strategy = cfg.strategy
+    if cfg.num_machines > 1 and strategy == "auto":
+        strategy = "ddp"
+    # Our kernels/ pieces run only on unsharded weights (engine/kernel_path.py): DDP trains
+    # with them, FSDP with the reference stack.
+    layout = plan_layout(shape, len(free_gbs) * cfg.num_machines, strategy, cfg.max_seq_len,
+                         cfg.micro_batch_size, cfg.lora_r, min(free_gbs),
+                         ddp_stack=stack_for(cfg.kernels, "cuda", cfg.optimizer))
+    if strategy != cfg.strategy:
+        layout.why = "on several machines auto means DDP: set strategy fsdp to shard the model"
+    return layout
+
+
+def layout_refusal(cfg, vram_gb: float | None = None, our_run_holds_gpu: bool = False
+                   ) -> str | None:
+    """planner.config_refusal for a run on several processes: None when each of its GPUs holds
+    its share as run_layout plans it, else why not and what to change. vram_gb: the free GB of
+    each GPU (else each of the run's GPUs as detected, our chat model's memory counted free, and
+    their totals while one of our runs holds them); CPU processes are never refused."""
+    from dataclasses import replace
+
+    from engine.config import ConfigError
+    from engine.planner import chat_held_gb
+    from engine.runner import run_gpus
+
+    if vram_gb is not None:
+        free_gbs = [vram_gb] * cfg.processes_here()
+    else:
+        try:
+            gpus = run_gpus(cfg)
+        except ConfigError as exc:  # the GPUs it names are not all here
+            return str(exc)
+        free_gbs = [gpu.total_gb if our_run_holds_gpu else
+                    min(gpu.free_gb + chat_held_gb(gpu), gpu.total_gb) for gpu in gpus]
+    if not free_gbs:
+        return None
+    layout = run_layout(cfg, free_gbs)
+    if layout is None or layout.fits:
+        return None
+
+    def fits(**changes) -> Layout | None:
+        changed = run_layout(replace(cfg, **changes), free_gbs)
+        return changed if changed.fits else None
+
+    fixes = []
+    sharded = cfg.strategy != "auto" and fits(strategy="auto")
+    if sharded:
+        offload = f" and {sharded.cpu_ram_gb:.0f} GB of CPU RAM" if sharded.cpu_offload else ""
+        fixes.append(f"set strategy to auto, which takes {sharded.label} "
+                     f"({sharded.per_gpu.total_gb:.1f} GB per GPU{offload})")
+    length = max((n for n in range(64, cfg.max_seq_len, 64) if fits(max_seq_len=n)), default=0)
+    if length:
+        fixes.append(f"set max_seq_len to {length} or less")
+    if cfg.micro_batch_size > 1 and fits(micro_batch_size=1):
+        fixes.append(f"set micro_batch_size to 1 (and grad_accum_steps {cfg.micro_batch_size}x "
+                     "higher)")
+    fixes.append("pick a smaller model, or train on more GPUs")
+    return (f"{layout.per_gpu.name} on {layout.num_gpus} GPUs with {layout.label} needs about "
+            f"{layout.per_gpu.total_gb:.1f} GB on each GPU, but the least free of them has "
+            f"{min(free_gbs):.1f} GB free and runs need {1 - SAFETY:.0%} headroom. To fit: "
+            + "; or ".join(fixes) + ".")
 
 
 def layouts(model: CatalogModel, free_vram_gbs: list[float], strategy: str = "auto",

@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 from transformers import PrinterCallback
 
-from engine import checkpoints, distributed
+from engine import checkpoints, distributed, fsdp, kernel_path
 from engine.callback import StudioCallback
 from engine.config import ConfigError, RunConfig
 from engine.data import DataError, load_conversations
@@ -37,7 +37,7 @@ from engine.faults import (
     model_too_big_message,
     oom_message,
 )
-from engine.gpuhealth import GpuSampler, gpu_index
+from engine.gpuhealth import GpuSampler, gpu_indices
 from engine.models import (
     ModelError,
     compute_dtype,
@@ -82,8 +82,8 @@ def run_training(run_dir: str, resume: bool = False) -> str:
     stop_signals = [signal.SIGTERM, signal.SIGINT]
     if hasattr(signal, "SIGBREAK"):
         stop_signals.append(signal.SIGBREAK)
-    for sig in stop_signals:
-        signal.signal(sig, lambda *_: run.request_stop())
+    for sig in stop_signals if distributed.world_size() == 1 else []:  # workers: torchrun's
+        signal.signal(sig, lambda *_: run.request_stop())  # signals end them (launcher: stops)
     try:
         return _train_with_retries(run, resume)
     finally:
@@ -106,9 +106,10 @@ def _train_with_retries(run: RunDir, resume: bool) -> str:
             return _fail(run, f"unexpected error: {type(exc).__name__}: {exc} (details in train.log)")
         in_step = isinstance(exc, OutOfMemoryInStep)
         if in_step and distributed.world_size() > 1:
-            # The other processes wait in the gradient exchange and cannot take a smaller batch
-            # on with this one: the run fails, saying what to change.
-            return _fail(run, oom_message(run, cfg))
+            # The others wait in the next exchange: this process ends, torchrun ends them all,
+            # and their launcher retries with a smaller micro-batch (engine/distributed.py).
+            log.error("%s %s", distributed.OOM_IN_STEP, exc)
+            return RETRYING
     # Go on outside the except block: the exception's frames hold the failed attempt's tensors,
     # and the free memory the message reports must not count them.
     free_memory()
@@ -177,6 +178,7 @@ class Setup:
     name: str
     tokenizer: Any
     template: Any
+    kernels: Any = None  # the kernel_path.KernelPlan, once the model has it
 
 
 def _train(run: RunDir, cfg: RunConfig, resume: bool) -> str:
@@ -230,7 +232,8 @@ def _model(run: RunDir, cfg: RunConfig, setup: Setup):
     loading = Progress(run, f"loading {setup.name} into 4-bit", unit="tensors")
     with transformers_bar("Loading weights", loading):  # a step per tensor read and quantized
         model = load_quantized_model(setup.source, cfg.quant_type, cfg.double_quant, setup.dtype,
-                                     setup.device, cfg.trust_remote_code)
+                                     setup.device, cfg.trust_remote_code,
+                                     quant_storage=fsdp.quant_storage(setup.dtype))
     loading.done(f"loaded {setup.name} into 4-bit"
                  + (f" ({loading.total} tensors)" if loading.total else ""))
     with phase(run, f"preparing the model for training: LoRA r={cfg.lora_r} on {cfg.lora_target}",
@@ -238,14 +241,19 @@ def _model(run: RunDir, cfg: RunConfig, setup: Setup):
         prepare_for_kbit_training(model, cfg.gradient_checkpointing)
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=cfg.lora_target, task_type="CAUSAL_LM")
-        return get_peft_model(model, lora)
+        model = get_peft_model(model, lora)
+    setup.kernels = kernel_path.plan_for(cfg.kernels, setup.device,
+                                         "fsdp" if fsdp.sharded() else "ddp")
+    kernel_path.apply_to_model(setup.kernels, model, setup.dtype)
+    return model
 
 
 def _trainer(run: RunDir, cfg: RunConfig, setup: Setup, model, train_set, eval_set):
     """transformers' Trainer with the recipe's settings and our callback; (trainer, callback)."""
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     device, dtype = setup.device, str(setup.dtype).removeprefix("torch.")
+    collator, tokens_seen = kernel_path.collator(setup.kernels, model, setup.tokenizer)
     optimizer = cfg.optimizer
     if optimizer == "auto":
         # Paged optimizers need CUDA unified memory; on CPU there is nothing to page to.
@@ -274,30 +282,32 @@ def _trainer(run: RunDir, cfg: RunConfig, setup: Setup, model, train_set, eval_s
         save_total_limit=cfg.save_total_limit,
         eval_strategy="steps" if eval_set is not None else "no",
         eval_steps=max(1, cfg.save_steps // 2) if eval_set is not None else None,
-        include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen=tokens_seen,
         use_cpu=device == "cpu",
         # Several processes (DDP): every LoRA weight gets a gradient in every step, and the
         # frozen 4-bit base has none, so DDP need not search the graph for unused ones.
         ddp_find_unused_parameters=False,
+        **fsdp.trainer_arguments(),  # FSDP-QLoRA: the model sharded over the processes
         seed=cfg.seed,
         report_to="none",
         disable_tqdm=True,
     )
     callback = StudioCallback(run, device, save_every_s=cfg.save_minutes * 60)
+    fsdp.allow_on_cpu(device)
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=DataCollatorForSeq2Seq(setup.tokenizer, padding=True,
-                                             label_pad_token_id=IGNORE_INDEX),
+        data_collator=collator,
         callbacks=[callback, *injected_faults(run), *_replica_checksums()],
     )
     trainer.remove_callback(PrinterCallback)  # our callback already logs each step, readably
     how = f"training on {device} with {optimizer}, compute {setup.dtype_why}"
     log.info(how)
+    log.info(setup.kernels.summary())
     run.write_status(message=how, device=device, optimizer=optimizer, compute_dtype=dtype,
-                     compute_why=setup.dtype_why)
+                     compute_why=setup.dtype_why, kernels=setup.kernels.summary())
     return trainer, callback
 
 
@@ -308,7 +318,7 @@ def _run(run: RunDir, trainer, device: str, resume: bool) -> None:
     run.drop_metrics_after(checkpoints.step_of(checkpoint) if checkpoint else 0)
     try:
         # GPU health into gpu.jsonl while the steps run (nothing on a CPU; never stops training)
-        sampled = gpu_index(run, device) if distributed.is_main_process() else None
+        sampled = gpu_indices(run, device) if distributed.is_main_process() else []
         with GpuSampler(run, sampled, step=lambda: trainer.state.global_step):
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except Exception as exc:
@@ -325,8 +335,9 @@ def _save(run: RunDir, cfg: RunConfig, setup: Setup, model, step: int, callback)
                      + (f"The last good checkpoint ({last.name}) is kept: " if last else "")
                      + f"lower the learning rate (now {cfg.lr:g}) or max_grad_norm, then start again"
                      + (" or resume the run" if last else ""))
+    weights = fsdp.gathered_lora_weights(model)  # sharded: every process hands in its part
     if distributed.is_main_process():  # the processes hold the same weights: one saves them
-        _save_adapter(run, model, setup.tokenizer, cfg, setup.source)
+        _save_adapter(run, model, setup.tokenizer, cfg, setup.source, weights)
     stopped = callback.stop_seen
     notes = run.read_status().get("notes") or []
     message = (f"stopped at step {step}; adapter saved" if stopped
@@ -376,15 +387,31 @@ def prepare_for_kbit_training(model, gradient_checkpointing: bool) -> None:
 
     big = {id(module.weight) for module in (model.get_input_embeddings(),
                                             model.get_output_embeddings()) if module is not None}
+    # Under FSDP every weight computes in the dtype the 4-bit codes are stored and gathered in:
+    # an fp32 norm would hand fp32 activations to 16-bit weights (accelerate uses no autocast).
+    upcast = () if fsdp.sharded() else (torch.float16, torch.bfloat16)
     for param in model.parameters():
         param.requires_grad = False
-        if (param.dtype in (torch.float16, torch.bfloat16) and id(param) not in big
+        if (param.dtype in upcast and id(param) not in big
                 and type(param).__name__ != "Params4bit"):
             param.data = param.data.to(torch.float32)
+    keep_4bit_layout_for_training(model)
     # The one place gradient checkpointing is switched on (TrainingArguments leaves it alone).
     # use_reentrant=False: the frozen inputs need no requires_grad hook.
     if gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+def keep_4bit_layout_for_training(model) -> None:
+    """Keep bitsandbytes from repacking the 4-bit weights for its CPU inference kernel. On a CPU
+    with AVX512-BF16 it does so at a layer's first forward in eval mode without gradients (each
+    Trainer evaluation), for good, in the quantization state the layer shares: later training
+    forwards then run that kernel, which has no backward (no gradient flows back through the
+    frozen weights), and FSDP, which gathers the weights again in their stored layout, reads them
+    as repacked (garbage outputs). A chat model, which never trains, keeps the faster kernel."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes' Linear4bit
+            module.support_avx512bf16_for_cpu = False
 
 
 def _resume_point(run: RunDir):
@@ -399,11 +426,12 @@ def _resume_point(run: RunDir):
     return checkpoint
 
 
-def _save_adapter(run: RunDir, model, tokenizer, cfg: RunConfig, source: str) -> None:
+def _save_adapter(run: RunDir, model, tokenizer, cfg: RunConfig, source: str,
+                  weights: dict | None = None) -> None:
     # Written beside, then swapped in: a crash while saving leaves the previous adapter whole.
     tmp = run.path / "adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=weights)  # weights: gathered from FSDP's shards
     tokenizer.save_pretrained(tmp)
     (tmp / TEMPLATE_FILE).write_text(json.dumps(
         {"template": cfg.template, "base_model": cfg.model, "base_source": source}, indent=1))

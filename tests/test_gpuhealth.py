@@ -9,8 +9,8 @@ import types
 
 import pytest
 
-from engine.gpuhealth import (GpuSampler, gpu_index, health_path, health_summary, read_health,
-                              throttle_words)
+from engine.gpuhealth import (GpuSampler, gpu_indices, health_path, health_summary,
+                              read_health, throttle_words)
 from engine.hardware import GIB
 from engine.rundir import RunDir
 
@@ -19,11 +19,12 @@ NOT_SUPPORTED = 3
 
 def fake_nvml(util=97, used_gb=10.2, total_gb=12.0, temp=71, power_mw=280_000, limit_mw=350_000,
               reasons=0, fail_at=None, unsupported=()):
-    """A stand-in pynvml with one GPU. `samples` is set once two samples were taken; with
-    fail_at=n the n-th utilisation read raises; readings named in `unsupported` raise
-    NVML's "Not Supported", as power does on many laptop GPUs."""
+    """A stand-in pynvml whose GPUs (any index) all read alike. `samples` is set once two GPU
+    readings were taken; with fail_at=n the n-th utilisation read raises; readings named in
+    `unsupported` raise NVML's "Not Supported", as power does on many laptop GPUs."""
     module = types.ModuleType("pynvml")
     module.calls, module.samples, module.count = [], threading.Event(), 0
+    module.handles_read = []  # the GPU of each utilisation read
 
     class NVMLError(Exception):
         def __init__(self, value):
@@ -37,7 +38,8 @@ def fake_nvml(util=97, used_gb=10.2, total_gb=12.0, temp=71, power_mw=280_000, l
         return read
 
     def utilisation(handle):
-        assert handle == ("handle", 0)
+        assert handle[0] == "handle"
+        module.handles_read.append(handle[1])
         module.count += 1
         if module.count == fail_at:
             raise NVMLError(15)  # NVML_ERROR_GPU_IS_LOST
@@ -74,7 +76,7 @@ def test_sampler_writes_records_in_watts_and_gb(run, monkeypatch):
     nvml = fake_nvml(reasons=0x01)  # GpuIdle: not a slowdown worth naming
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
     before = time.time()
-    with GpuSampler(run, 0, interval_s=0.01, step=lambda: 7):
+    with GpuSampler(run, [0], interval_s=0.01, step=lambda: 7):
         assert nvml.samples.wait(timeout=60)
     after = time.time()
     assert no_thread_left() and nvml.calls == ["init", "shutdown"]
@@ -94,7 +96,7 @@ def test_sampler_writes_records_in_watts_and_gb(run, monkeypatch):
 def test_stop_wakes_the_sampler_at_once(run, monkeypatch):
     nvml = fake_nvml()
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
-    sampler = GpuSampler(run, 0, interval_s=30)  # a stop that waited out the interval fails below
+    sampler = GpuSampler(run, [0], interval_s=30)  # a stop that waited out the interval fails below
     assert sampler.start()
     sampler.stop()  # the first sample is taken before the thread first waits
     assert no_thread_left()
@@ -107,7 +109,7 @@ def test_an_nvml_error_is_logged_once_and_ends_sampling_not_training(run, monkey
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
     escaped = []
     monkeypatch.setattr(threading, "excepthook", escaped.append)
-    sampler = GpuSampler(run, 0, interval_s=0.01)
+    sampler = GpuSampler(run, [0], interval_s=0.01)
     assert sampler.start()
     sampler._thread.join(timeout=60)  # it ends by itself after the error
     assert not sampler._thread.is_alive()
@@ -121,7 +123,7 @@ def test_an_nvml_error_is_logged_once_and_ends_sampling_not_training(run, monkey
 def test_readings_a_card_lacks_are_empty_and_sampling_goes_on(run, monkeypatch):
     nvml = fake_nvml(unsupported=("power", "limit", "reasons"))
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
-    with GpuSampler(run, 0, interval_s=0.01):
+    with GpuSampler(run, [0], interval_s=0.01):
         assert nvml.samples.wait(timeout=60)
     record = read_health(run)[0]
     assert (record["power_w"], record["power_limit_w"], record["throttle"]) == (None, None, None)
@@ -131,28 +133,51 @@ def test_readings_a_card_lacks_are_empty_and_sampling_goes_on(run, monkeypatch):
 
 def test_without_a_gpu_nothing_is_sampled_or_written(run, monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", fake_nvml())
-    assert gpu_index(run, "cpu") is None
-    assert not GpuSampler(run, None).start()  # a CPU run
+    assert gpu_indices(run, "cpu") == []
+    assert not GpuSampler(run, []).start()  # a CPU run
     monkeypatch.setitem(sys.modules, "pynvml", None)  # nvidia-ml-py not installed
-    assert not GpuSampler(run, 0).start()
+    assert not GpuSampler(run, [0]).start()
     broken = fake_nvml()
     broken.nvmlInit = lambda: (_ for _ in ()).throw(broken.NVMLError(9))  # no driver
     monkeypatch.setitem(sys.modules, "pynvml", broken)
-    with GpuSampler(run, 0):
+    with GpuSampler(run, [0]):
         pass
     assert not health_path(run).exists() and read_health(run) == [] and no_thread_left()
     assert health_summary(read_health(run)) == ""
 
 
-def test_the_gpu_is_the_one_the_run_is_pinned_to(run, monkeypatch):
+def test_the_gpus_are_the_ones_the_run_is_pinned_to(run, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # what the runner sets: the NVML index
-    run.write_status(gpu=3)
-    assert gpu_index(run, "cuda") == 3
+    run.write_status(gpu=3, gpus=[3])
+    assert gpu_indices(run, "cuda") == [3]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,3")  # a run on two GPUs
+    assert gpu_indices(run, "cuda") == [1, 3]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    run.write_status(gpu=2)
-    assert gpu_index(run, "cuda") == 2
+    run.write_status(gpu=2, gpus=[2, 0])
+    assert gpu_indices(run, "cuda") == [2, 0]
+    run.write_status(gpu=2, gpus=None)  # a status from before runs held several GPUs
+    assert gpu_indices(run, "cuda") == [2]
     run.write_status(gpu=None)  # the runner found no GPU; torch did (started by hand)
-    assert gpu_index(run, "cuda") == 0
+    assert gpu_indices(run, "cuda") == [0]
+
+
+def test_a_run_on_several_gpus_samples_each_of_them(run, monkeypatch):
+    nvml = fake_nvml()
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    sampler = GpuSampler(run, [1, 3], interval_s=30, step=lambda: 4)
+    assert sampler.start()
+    sampler.stop()  # one sample of both, taken before the thread first waits
+    records = read_health(run)
+    assert [r["gpu"] for r in records] == [1, 3] and nvml.handles_read == [1, 3]
+    assert records[0]["time"] == records[1]["time"] and records[1]["step"] == 4  # one sample
+    assert health_summary(records).split("\n\n") == [
+        "GPU 1: 97% busy, 10.2 of 12.0 GB, 71 C, 280 of 350 W",
+        "GPU 3: 97% busy, 10.2 of 12.0 GB, 71 C, 280 of 350 W"]
+    from engine.metrics import health_rows
+
+    series = {row["series"] for row in health_rows(records)}
+    assert series == {"GPU 1 utilisation %", "GPU 3 utilisation %", "GPU 1 temperature C",
+                      "GPU 3 temperature C"}  # a chart line per GPU, not one zigzag
 
 
 def test_throttle_bits_are_nvmls(monkeypatch):
@@ -203,11 +228,11 @@ def test_health_summary_in_words():
 @pytest.mark.gpu
 def test_a_real_gpu_sample_is_plausible(run):
     pytest.importorskip("pynvml")
-    sampler = GpuSampler(run, gpu_index(run, "cuda"))
+    sampler = GpuSampler(run, gpu_indices(run, "cuda"))
     assert sampler.start()
     sampler.stop()  # the thread samples once before it first waits
     records = read_health(run)
-    assert len(records) == 1, records
+    assert len(records) == len(gpu_indices(run, "cuda")), records
     record = records[0]
     print(record, health_summary(records))
     assert 0 <= record["util_pct"] <= 100

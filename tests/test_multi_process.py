@@ -24,7 +24,6 @@ STEPS, SAVE_EVERY = 6, 2
     ({"gpus": "0,1", "num_processes": 3}, "does not match the 2 GPUs"),
     ({"gpus": "0,1", "gpu": 1}, "either gpu"),
     ({"gpus": "0,1", "device": "cpu"}, "device is cpu"),
-    ({"strategy": "fsdp"}, "fsdp .* is not available yet"),
     ({"num_machines": 2, "main_process_ip": "10.0.0.1", "machine_rank": 2}, "machine_rank 2"),
     ({"num_machines": 2}, "needs main_process_ip"),
     ({"num_processes": 0}, "num_processes must be at least 1"),
@@ -99,8 +98,9 @@ def test_a_failed_process_fails_the_run_with_its_reason(tmp_path):
 # --- two gloo processes on this CPU --------------------------------------------------------------
 
 def layout(facts, **settings):
-    return load_recipe("quick-test", data_path=str(facts), max_steps=STEPS, save_steps=SAVE_EVERY,
-                       max_seq_len=48, micro_batch_size=1, lora_r=8, lora_alpha=16, **settings)
+    values = dict(data_path=str(facts), max_steps=STEPS, save_steps=SAVE_EVERY, max_seq_len=48,
+                  micro_batch_size=1, lora_r=8, lora_alpha=16)
+    return load_recipe("quick-test", **{**values, **settings})
 
 
 def sums(folder, rank: int) -> dict[int, float]:
@@ -191,3 +191,32 @@ def test_loss_curve_matches_one_process_with_the_same_effective_batch(runs):
         # processes: equal up to float noise. A replica training on other rows, or gradients not
         # exchanged, differ by far more (the loss falls by half in two steps here).
         assert got[step] == pytest.approx(expected[step], rel=0.02, abs=0.02), (step, expected, got)
+
+
+@pytest.mark.slow
+def test_out_of_memory_in_one_process_retries_all_with_half_the_micro_batch(data_dir, facts_file,
+                                                                          embedded_model,
+                                                                          monkeypatch):
+    """Step 2 of a two-process run raises a GPU out-of-memory (engine/faults.py): the launcher
+    ends them all, halves the micro-batch, and a fresh launcher finishes from checkpoint-1."""
+    monkeypatch.setenv("QLS_TEST_FAIL_AT", "oom:2")
+    cfg = layout(facts_file, max_steps=3, save_steps=1, micro_batch_size=2, grad_accum_steps=1,
+                 num_processes=2, strategy="ddp")
+    run = runner.start_run(cfg, name="oom")
+    first = json.loads((run.path / "launch.json").read_text())["pid"]  # the first launcher
+    status = wait_for(run, lambda s: s["state"] not in ("running", "queued", "stopping")
+                      and s.get("launch", 0) > 1)
+    assert status["state"] == "finished", (status, run.log_tail(40))
+    assert "after 1 out-of-memory retry" in status["message"]
+    assert len(status["notes"]) == 1, status["notes"]
+    note = status["notes"][0]
+    assert "micro-batch 2" in note and "from checkpoint-1" in note
+    assert "micro-batch 1 and gradient accumulation 2" in note  # the effective batch kept
+    saved = RunConfig.load(run.config_path)
+    assert (saved.micro_batch_size, saved.grad_accum_steps) == (1, 2)
+    launch = json.loads((run.path / "launch.json").read_text())
+    assert launch["launch"] == 2 and launch["predecessor_pid"] == first  # a fresh launcher
+    assert launch["strategy"] == "ddp"  # the checkpoint's strategy, kept for the retry
+    log = run.log_path.read_text()
+    assert "ran out of GPU memory in a step" in log and "resuming from checkpoint-1" in log
+    assert [m["step"] for m in run.read_metrics() if m.get("loss") is not None] == [1, 2, 3]

@@ -1,11 +1,14 @@
 """The multi-GPU planner (DDP and FSDP-QLoRA per GPU) against Answer.AI's published FSDP-QLoRA
 runs, how "auto" chooses, and what the Hardware tab says about 1..N GPUs."""
 
+from dataclasses import replace
+
 import pytest
 
 from engine.catalog import CatalogModel, find
 from engine.hardware import Gpu
-from engine.planner import CUDA_CONTEXT_GB, LORA, OPTIMIZER, WEIGHTS, memory_bytes, plan
+from engine.planner import (CUDA_CONTEXT_GB, LORA, OPTIMIZER, OUR_STACK, WEIGHTS, memory_bytes,
+                            plan, stack_for)
 from engine.planner_multi import (ANSWERAI_STACK, DDP_BUCKETS, StrategyError, largest_fits,
                                   plan_layout)
 
@@ -125,3 +128,62 @@ def test_hardware_tab_cpu_and_one_gpu_text_unchanged(monkeypatch, free):
     text = hardware_tab.recommendation_markdown(vram, picks, hardware_tab.free_per_gpu())
     assert text == hardware_tab.recommendation_markdown(vram, picks)
     assert "several GPUs" not in text + hardware_tab.hardware_markdown()
+
+
+# --- the pre-flight check of a run on several GPUs (planner.config_refusal) ---------------------
+
+def two_gpu_run(**settings):
+    from engine.config import RunConfig
+
+    return RunConfig(gpus="0,1", **{"max_seq_len": 2048, "micro_batch_size": 2, **settings})
+
+
+def test_a_70b_run_on_two_24_gb_cards_is_refused_as_ddp_and_accepted_sharded(monkeypatch):
+    from engine import fsdp
+    from engine.planner import config_refusal
+
+    gpus(monkeypatch, 24.0, 24.0)
+    ddp = two_gpu_run(model="llama-3.1-70b", strategy="ddp")
+    refusal = config_refusal(ddp)  # each card would hold the whole 4-bit model
+    assert refusal and "on 2 GPUs with DDP" in refusal and "24.0 GB free" in refusal
+    assert "set strategy to auto, which takes FSDP-QLoRA + CPU offload" in refusal
+    # planner_multi's per-GPU figure for DDP (one GPU's whole run and DDP's gradient buckets),
+    # with the stack the run trains with: our kernels/ pieces under DDP, the reference stack off.
+    for kernels, stack in [("auto", stack_for("auto")), ("off", OUR_STACK)]:
+        per_gpu = plan_layout(find("llama-3.1-70b"), 2, "ddp", 2048, 2, 64, ddp_stack=stack)
+        refusal = config_refusal(two_gpu_run(model="llama-3.1-70b", strategy="ddp",
+                                             kernels=kernels))
+        assert f"needs about {per_gpu.per_gpu.total_gb:.1f} GB on each GPU" in refusal
+    assert config_refusal(two_gpu_run(model="llama-3.1-70b", strategy="fsdp"))  # no offload
+    auto = two_gpu_run(model="llama-3.1-70b")
+    assert config_refusal(auto) is None
+    # ... and the launcher takes exactly the layout the check accepted.
+    assert fsdp.choose(auto, [24.0, 24.0])[0] == fsdp.OFFLOAD
+    assert config_refusal(auto, our_run_holds_gpu=True) is None
+
+
+def test_a_7b_run_on_two_gpus_is_accepted_with_ddp(monkeypatch):
+    from engine import fsdp
+    from engine.planner import config_refusal
+
+    gpus(monkeypatch, 20.0, 20.0)
+    run = two_gpu_run(model="llama-2-7b", max_seq_len=1024, micro_batch_size=1, lora_r=16)
+    assert config_refusal(run) is None and config_refusal(run, vram_gb=12.0) is None
+    assert fsdp.choose(run, [20.0, 20.0])[0] == "ddp"
+    # Per GPU, not the machine's sum: two 4 GB cards do not hold what one 8 GB card would.
+    assert config_refusal(replace(run, gpus="", gpu=0), vram_gb=8.0) is None
+    refusal = config_refusal(replace(run, strategy="ddp"), vram_gb=4.0)
+    assert refusal and "on 2 GPUs with DDP" in refusal and "4.0 GB free" in refusal
+
+
+def test_the_check_of_several_processes_looks_at_the_run_s_gpus(monkeypatch):
+    from engine.config import RunConfig
+    from engine.planner import config_refusal
+
+    gpus(monkeypatch, 24.0, 3.0, 24.0)  # GPU 1 is almost full
+    run = dict(model="llama-2-7b", max_seq_len=1024, lora_r=16)
+    assert config_refusal(RunConfig(gpus="0,2", **run)) is None
+    assert "3.0 GB free" in config_refusal(RunConfig(gpus="0,1", strategy="ddp", **run))
+    assert "GPU 7 does not exist" in config_refusal(RunConfig(gpus="0,7", **run))
+    # CPU processes share the machine's memory: the planner describes GPUs only.
+    assert config_refusal(RunConfig(num_processes=2, device="cpu", model="llama-3.1-70b")) is None
