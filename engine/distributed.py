@@ -148,6 +148,9 @@ def _strategy_of(run: RunDir, cfg: RunConfig, resume: bool) -> str:
     free_gbs = [gpu.free_gb for gpu in _run_gpus(run)] if cfg.device != "cpu" else []
     strategy, why = fsdp.choose(cfg, free_gbs)
     log.info("strategy %s: %s", strategy, why)
+    # launch.json is the runner's record, and this launcher is the runner's side. Its one write
+    # comes right after the runner spawned it, when the runner has done its own (the recipe,
+    # which imports this module, must not import the job queue and its lock).
     run.write_launch(strategy=strategy, strategy_why=why)
     return strategy
 
