@@ -106,12 +106,13 @@ def run_ours(source: str, data: Path, work: Path, seq: int, micro: int, steps: i
     """kernels: "off", "auto", or "auto:piece+piece" (those pieces alone, for an ablation)."""
     from engine import kernel_path
     from engine.config import load_recipe
+    from engine.runner import create_run
+    from engine.train import run_training
+    from reference import median  # the reference stack's measure, so both read alike
 
     if ":" in kernels:
         kernels, pieces = kernels.split(":")
         kernel_path.kernel_pieces = lambda device_class: dict.fromkeys(pieces.split("+"), "ablation")
-    from engine.runner import create_run
-    from engine.train import run_training
 
     cfg = load_recipe("paper", model=source, data_path=str(data), max_steps=steps,
                       micro_batch_size=micro, grad_accum_steps=1, max_seq_len=seq,
@@ -123,7 +124,7 @@ def run_ours(source: str, data: Path, work: Path, seq: int, micro: int, steps: i
     metrics = [m for m in run.read_metrics() if m.get("loss") is not None]
     status = run.read_status()
     return {"losses": [m["loss"] for m in metrics],
-            "tokens_per_s": _median([m.get("tokens_per_s") for m in metrics[1:]]),
+            "tokens_per_s": median([m.get("tokens_per_s") for m in metrics[1:]]),
             "compute_dtype": status.get("compute_dtype"), "kernels": status.get("kernels", "")}
 
 
@@ -241,11 +242,6 @@ def bf16_peak_fraction(tokens_per_s: float, params: int) -> float | None:
 def _max_diff(a: list, b: list) -> float | None:
     pairs = list(zip(a, b))
     return round(max(abs(x - y) for x, y in pairs), 4) if pairs else None
-
-
-def _median(values):
-    values = sorted(v for v in values if v is not None)
-    return round(values[len(values) // 2], 1) if values else None
 
 
 def machine() -> str:

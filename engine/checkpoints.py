@@ -69,12 +69,13 @@ def problem(path: Path, trainable_params=()) -> str:
 def mark_complete(path: Path) -> None:
     """Flush every file of the checkpoint to disk, then add the marker (itself written atomically)."""
     path = Path(path)
-    for file in path.rglob("*"):  # a sharded checkpoint's folders too
+    entries = list(path.rglob("*"))  # a sharded checkpoint's folders too
+    for file in entries:
         if file.is_file():
             # Opened for writing: Windows refuses to fsync a read-only handle (EBADF).
             with open(file, "r+b") as fh:
                 os.fsync(fh.fileno())
-    for folder in [path, *(sub for sub in path.rglob("*") if sub.is_dir())]:
+    for folder in [path, *(entry for entry in entries if entry.is_dir())]:
         _fsync_dir(folder)  # the files' names are on disk before the marker is
     tmp = path / (MARKER + ".tmp")
     tmp.write_text("complete\n")
