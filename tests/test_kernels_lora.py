@@ -2,10 +2,13 @@
 layer run both ways: one layer (every quant type, dtype, bias, dropout), then a tiny 4-bit llama
 with gradient checkpointing, then what peft must keep doing (switching off, saving, loading)."""
 
+from contextlib import contextmanager
+
 import bitsandbytes as bnb
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
 from kernels import lora4bit
 from kernels.lora4bit import FusedLoRA4bit, patch_lora_layers, unpatch_lora_layers
@@ -68,6 +71,35 @@ def forward_backward(model, x, seed=1):
     return grads
 
 
+class SameMaskDropout(torch.nn.Module):
+    """peft's dropout drawing the fused layer's masks (lora4bit.dropout_mask): with the same seed
+    both paths then drop the same elements, and can be compared exactly."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        keep, scale = lora4bit.dropout_mask(x.shape, self.p, x.device)
+        return x * keep.to(x.dtype).mul_(scale)
+
+
+@contextmanager
+def peft_with_fused_masks(model):
+    """peft's own forward, each LoRA dropout drawing masks as the fused layer does (the RNG is
+    drawn at the same point of each layer's forward in both paths, recomputes included)."""
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear4bit)]
+    dropouts = [layer.lora_dropout["default"] for layer in layers]
+    for layer, dropout in zip(layers, dropouts):
+        if isinstance(dropout, torch.nn.Dropout):
+            layer.lora_dropout["default"] = SameMaskDropout(dropout.p)
+    try:
+        yield model
+    finally:
+        for layer, dropout in zip(layers, dropouts):
+            layer.lora_dropout["default"] = dropout
+
+
 def relative_error(got, want):
     return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
 
@@ -86,7 +118,8 @@ def test_one_layer_matches_bitsandbytes_and_peft(quant_type, double_quant, compu
     if bias:
         model.base_model.model.proj.get_base_layer().bias.requires_grad_(True)
     x = torch.randn(2, 7, 128)
-    want = forward_backward(model, x)
+    with peft_with_fused_masks(model):
+        want = forward_backward(model, x)
     assert patch_lora_layers(model) == 1
     got = forward_backward(model, x)
 
@@ -101,18 +134,40 @@ def test_one_layer_matches_bitsandbytes_and_peft(quant_type, double_quant, compu
     assert got[2].abs().max() > 0 and got[3].abs().max() > 0
 
 
-def test_dropout_uses_the_same_mask_as_peft():
-    """Exact on fp32 compute: the same seed draws the same mask (torch.native_dropout is what
-    nn.Dropout runs), and a different seed a different one."""
+def test_dropout_matches_peft_given_the_same_mask():
+    """Exact on fp32 compute; the same seed draws the same mask (so a checkpointed layer's
+    recompute drops what its forward dropped), a different seed a different one."""
     model = lora_model(compute_dtype=torch.float32, dropout=0.1)
     x = torch.randn(4, 16, 128)
-    want = forward_backward(model, x, seed=5)
+    with peft_with_fused_masks(model):
+        want = forward_backward(model, x, seed=5)
+        plain = forward_backward(model, x, seed=5)
     patch_lora_layers(model)
     same = forward_backward(model, x, seed=5)
     other = forward_backward(model, x, seed=6)
-    for got, expected in zip(same, want):
+    for got, expected, unpatched in zip(same, want, plain):
         assert relative_error(got, expected) < 1e-6
+        assert torch.equal(unpatched, expected)  # the reference itself is repeatable
     assert relative_error(other[2], want[2]) > 1e-3  # dA sees the mask
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_dropout_mask_keeps_each_element_with_probability_1_minus_p(p):
+    """Each of the four 16-bit lanes a 64-bit draw gives keeps 1 - p of its elements (a lane
+    stuck at one sign, as random_() without bounds leaves the top one, would keep 0 or 1 - 2p),
+    and the kept ones are scaled so the expectation is unchanged."""
+    torch.manual_seed(0)
+    keep, scale = lora4bit.dropout_mask((1000, 4 * 250), p, "cpu")
+    assert keep.dtype == torch.bool and keep.shape == (1000, 1000)
+    rates = keep.view(-1, 4).float().mean(0)
+    sigma = (p * (1 - p) / (keep.numel() / 4)) ** 0.5
+    assert ((rates - (1 - p)).abs() < 5 * sigma).all(), rates
+    assert scale == pytest.approx(1 / (1 - p), rel=1e-4)
+    # neighbours independent: the chance both of two adjacent elements are kept is (1 - p)^2
+    both = (keep[:, 1:] & keep[:, :-1]).float().mean().item()
+    assert both == pytest.approx((1 - p) ** 2, abs=5 * sigma)
+    odd = lora4bit.dropout_mask((3, 7, 5), p, "cpu")[0]  # sizes not a multiple of 4
+    assert odd.shape == (3, 7, 5)
 
 
 def saved_for_backward(model, x):
@@ -240,7 +295,8 @@ def test_patched_model_trains_like_peft_in_fp32_with_dropout(tiny_llama, shared_
         request.getfixturevalue("cpu_out_kernel")
     model = load_lora_llama(tiny_llama, torch.float32, dropout=0.1)
     assert model.base_model.model.is_activation_checkpointing
-    want_loss, want = loss_and_grads(model, torch.float32)
+    with peft_with_fused_masks(model):
+        want_loss, want = loss_and_grads(model, torch.float32)
     assert patch_lora_layers(model) == 2 * 7  # q k v o gate up down, in each of the 2 blocks
     got_loss, got = loss_and_grads(model, torch.float32)
 
