@@ -16,14 +16,22 @@ read the same position_ids. What transformers leaves to its caller, and this mod
   turned it off, and in every evaluation. The collator switches it off in each batch.
 - counting tokens: see TOKENS_SEEN.
 
-Cost to know: sdpa and eager attend over the whole packed row through a dense mask, so their score
-matrix is (rows x length)^2 instead of rows x length^2. For short chat rows the linear layers, which
-see only real tokens now, dominate; for eager attention on long rows the scores can cost more.
+- attention row by row. sdpa and eager attend over the whole packed row through that dense
+  block-diagonal mask: a score matrix of (rows x length)^2 instead of rows x length^2, and with a
+  mask sdpa cannot skip the masked-out half the way its causal kernels do. On the embedded model
+  (4 rows, about 1100 tokens, 2-core CPU) attention then cost as much as the padded batch's and
+  ate the gain of skipping the pads (1.09x the reference's tokens/s, bench/train_step.md).
+  `use_row_attention` switches an sdpa model to ROW_ATTENTION, which runs sdpa's causal kernel on
+  each row of a packed batch and hands every other call to transformers' sdpa (with the chunked
+  loss: 1.42x).
 """
 
 from __future__ import annotations
 
-from transformers import DataCollatorWithFlattening
+import torch
+from transformers import AttentionInterface, DataCollatorWithFlattening
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 # Architectures (config.model_type) whose forward passes position_ids to transformers' mask
 # builder and to its position embeddings, so a packed row's sequences stay apart.
@@ -34,9 +42,12 @@ HONOURS_PACKED_POSITIONS = frozenset({
 # Architectures that would let the rows of a packed batch see each other: their forward builds the
 # attention mask (and, for ALiBi, the position biases) without looking at position_ids.
 MIXES_PACKED_ROWS = {"opt": "OPT", "falcon": "Falcon", "bloom": "BLOOM", "mpt": "MPT"}
+# The attention implementation use_row_attention registers with transformers.
+ROW_ATTENTION = "sdpa_row_by_row"
+
 # The attention implementations that turn restarting position ids into separate sequences here.
 # flash_attention_2/3 do too (varlen kernels from position_ids), but nothing here has checked it.
-ATTENTIONS = ("sdpa", "eager")
+ATTENTIONS = ("sdpa", "eager", ROW_ATTENTION)
 
 # TrainingArguments.include_num_input_tokens_seen for padding-free batches. They hold no padding,
 # so "all" counts exactly the real tokens. "non_padding" would look for an attention mask (there is
@@ -81,3 +92,66 @@ def padding_free_collator(ignore_index: int = -100) -> DataCollatorWithFlattenin
     model's loss skips: -100 in transformers). Needs no tokenizer: nothing is padded. Use it only
     where supports_padding_free(model) says so."""
     return _FlatteningWithoutCache(separator_id=ignore_index, return_tensors="pt")
+
+
+def packed_rows(query, key, attention_mask, kwargs) -> list[tuple[int, int]] | None:
+    """The [start, end) of each row of a packed batch, where this attention call may run row by
+    row: the mask transformers built for it is exactly those rows' causal blocks (so a sliding
+    window, padding or a mask the caller gave keep sdpa as transformers runs it), one batch row,
+    no cache, no soft cap or bias. Otherwise None."""
+    positions = kwargs.get("position_ids")
+    length = query.shape[2]
+    if (positions is None or attention_mask is None or query.shape[0] != 1
+            or key.shape[2] != length or positions.numel() != length
+            or attention_mask.dtype != torch.bool or attention_mask.shape[-2:] != (length, length)
+            or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None):
+        return None
+    # Every layer of a forward (and its checkpointed recompute) gets the same mask tensor:
+    # check it once.
+    rows = getattr(attention_mask, "_qls_rows", None)
+    if rows is None:
+        rows = attention_mask._qls_rows = _rows_if_block_causal(attention_mask, positions)
+    return rows or None
+
+
+def _rows_if_block_causal(attention_mask, positions) -> list[tuple[int, int]]:
+    """The rows the positions restart at (as masking_utils finds them), if the mask is their
+    block-diagonal causal mask and there are at least two; else []."""
+    positions = positions.reshape(-1)
+    starts = [0] + (positions[1:] != positions[:-1] + 1).nonzero().flatten().add(1).tolist()
+    if len(starts) < 2:
+        return []
+    index = torch.arange(positions.numel(), device=positions.device)
+    row = torch.bucketize(index, torch.tensor(starts[1:], device=positions.device), right=True)
+    expected = (row[:, None] == row[None, :]) & (index[:, None] >= index[None, :])
+    if not torch.equal(attention_mask.reshape(expected.shape), expected):
+        return []
+    return list(zip(starts, starts[1:] + [positions.numel()]))
+
+
+def row_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                          is_causal=None, **kwargs):
+    """transformers' attention interface: query [1, heads, tokens, dim], key and value [1,
+    kv heads, tokens, dim]; returns ([1, tokens, heads, dim], None) as sdpa's does."""
+    rows = packed_rows(query, key, attention_mask, kwargs)
+    if rows is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    grouped = query.shape[1] != key.shape[1]
+    out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=dropout, scale=scaling,
+        is_causal=True, enable_gqa=grouped) for a, b in rows], dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_row_attention(model) -> bool:
+    """Switches an sdpa model to ROW_ATTENTION (its masks stay sdpa's: every call that cannot run
+    row by row runs sdpa with them); True if it did. Takes a peft model too. It runs row by row
+    only where the model's attention layers are handed the position ids (llama, mistral, qwen,
+    phi, gemma, gpt-neox and gpt2 among the supported architectures, in transformers 5.23)."""
+    if model.config._attn_implementation != "sdpa" or not supports_padding_free(model)[0]:
+        return False
+    AttentionInterface.register(ROW_ATTENTION, row_attention_forward)
+    AttentionMaskInterface.register(ROW_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(ROW_ATTENTION)
+    return model.config._attn_implementation == ROW_ATTENTION

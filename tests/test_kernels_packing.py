@@ -19,8 +19,10 @@ from transformers import (MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForC
 
 from engine.templates import IGNORE_INDEX, encode, get_template
 from facts import FACTS
+import kernels.padding_free
 from kernels.padding_free import (ATTENTIONS, HONOURS_PACKED_POSITIONS, MIXES_PACKED_ROWS,
-                                  TOKENS_SEEN, padding_free_collator, supports_padding_free)
+                                  ROW_ATTENTION, TOKENS_SEEN, padding_free_collator,
+                                  supports_padding_free, use_row_attention)
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 96
@@ -63,14 +65,19 @@ def tiny_config(architecture: str, vocab: int = VOCAB):
 
 def tiny_model(architecture: str, attention: str, vocab: int = VOCAB):
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(tiny_config(architecture, vocab), dtype=torch.float32,
-                                            attn_implementation=attention)
+    model = AutoModelForCausalLM.from_config(
+        tiny_config(architecture, vocab), dtype=torch.float32,
+        attn_implementation="sdpa" if attention == ROW_ATTENTION else attention)
+    if attention == ROW_ATTENTION:
+        assert use_row_attention(model)
+    return model
 
 
 def loadable_attentions(architecture: str) -> list[str]:
+    """The ATTENTIONS this architecture loads with (ROW_ATTENTION wherever sdpa does)."""
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(tiny_config(architecture))]
-    return [attention for attention in ATTENTIONS
-            if attention == "eager" or getattr(model_class, f"_supports_{attention}", False)]
+    return [attention for attention in ATTENTIONS if attention == "eager" or getattr(
+        model_class, f"_supports_{'sdpa' if attention == ROW_ATTENTION else attention}", False)]
 
 
 def random_rows(lengths=LENGTHS, vocab=VOCAB) -> list[dict]:
@@ -121,9 +128,44 @@ def assert_rows_kept_apart(model, rows, atol=2e-5):
     (architecture, attention) for architecture in sorted(HONOURS_PACKED_POSITIONS)
     for attention in loadable_attentions(architecture)])
 def test_packed_rows_compute_what_each_row_computes_alone(architecture, attention):
+    """With ROW_ATTENTION too: where it cannot run row by row (a sliding window, the caller's
+    all-ones mask of the mixed comparison) it must run sdpa exactly as transformers does."""
     model = tiny_model(architecture, attention)
     assert supports_padding_free(model)[0]
     assert_rows_kept_apart(model, random_rows())
+
+
+# Where transformers 5.23 hands the attention layers the position ids, so ROW_ATTENTION can find
+# the rows; the others (gpt_bigcode here) run sdpa with the block mask, still exact.
+ROW_BY_ROW = ["gemma", "gemma3_text", "gpt2", "gpt_neox", "llama", "phi", "phi3", "qwen2", "qwen3"]
+
+
+@pytest.mark.parametrize("architecture", ROW_BY_ROW)
+def test_row_attention_runs_each_packed_row_on_its_own(architecture, monkeypatch):
+    calls = []
+    real = kernels.padding_free.packed_rows
+    monkeypatch.setattr(kernels.padding_free, "packed_rows",
+                        lambda *args: calls.append(real(*args)) or calls[-1])
+    model = tiny_model(architecture, ROW_ATTENTION).eval()
+    rows = random_rows()
+    with torch.no_grad():
+        model(**padding_free_collator()(rows))
+    starts = [sum(LENGTHS[:i]) for i in range(len(LENGTHS))]
+    expected = list(zip(starts, starts[1:] + [sum(LENGTHS)]))
+    # every layer without a sliding window ran the rows one by one
+    assert calls and expected in calls, calls
+    calls.clear()
+    with torch.no_grad():  # a single row is no packed batch: plain sdpa, causal
+        model(input_ids=torch.tensor([rows[0]["input_ids"]]))
+    assert calls and not any(calls)
+
+
+def test_row_attention_is_only_for_sdpa_and_supported_models():
+    assert not use_row_attention(tiny_model("llama", "eager"))
+    assert not use_row_attention(tiny_model("opt", "sdpa"))  # rows would mix anyway
+    model = tiny_model("llama", "sdpa")
+    assert use_row_attention(model) and model.config._attn_implementation == ROW_ATTENTION
+    assert supports_padding_free(model)[0]
 
 
 @pytest.mark.parametrize("architecture", sorted(MIXES_PACKED_ROWS))
@@ -196,7 +238,9 @@ def smollm2(embedded_model):
 @pytest.mark.slow  # a 135M model's forward, four times, in fp32
 @pytest.mark.parametrize("attention", ATTENTIONS)
 def test_embedded_model_keeps_packed_conversations_apart(smollm2, tokenizer, attention):
-    smollm2.set_attn_implementation(attention)
+    smollm2.set_attn_implementation("sdpa" if attention == ROW_ATTENTION else attention)
+    if attention == ROW_ATTENTION:
+        assert use_row_attention(smollm2)
     assert supports_padding_free(smollm2)[0]
     # 30 layers of fp32 summed in another order: logits of about 20 agree to within 1e-4
     assert_rows_kept_apart(smollm2, fact_rows(tokenizer, 2), atol=1e-4)
@@ -218,12 +262,12 @@ def loss_and_lora_gradients(model, batch) -> tuple[float, dict]:
                          if param.requires_grad}
 
 
-@pytest.mark.parametrize("architecture", ["llama", "gemma2", "gpt_neox"])
-def test_loss_and_lora_gradients_equal_the_padded_batchs(architecture, tokenizer):
+@pytest.mark.parametrize("architecture,attention", [
+    ("llama", "sdpa"), ("llama", ROW_ATTENTION), ("gemma2", "eager"), ("gpt_neox", "sdpa")])
+def test_loss_and_lora_gradients_equal_the_padded_batchs(architecture, attention, tokenizer):
     """The same rows, padded the way engine/train.py pads them and packed: the same loss (sum over
     answer tokens / their count) and the same LoRA gradients, with activation checkpointing on as
     engine/train.py has it."""
-    attention = loadable_attentions(architecture)[0]
     base = tiny_model(architecture, attention, vocab=len(tokenizer))
     base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = lora(base)
@@ -257,3 +301,23 @@ def test_trainer_counts_only_real_tokens(packing, tokenizer, tmp_path):
                       processing_class=tokenizer)  # whose pad token is its EOS
     trainer.train()
     assert trainer.state.num_input_tokens_seen == sum(len(row["input_ids"]) for row in rows)
+
+
+def test_the_engine_packs_and_attends_row_by_row_with_kernels_auto(tokenizer):
+    """engine/kernel_path puts the piece in: the plan says so, the batches come packed."""
+    from engine.kernel_path import KernelPlan, apply_to_model, collator
+
+    plan = KernelPlan({"padding_free": "test"})
+    model = lora(tiny_model("llama", "sdpa", vocab=len(tokenizer)))
+    apply_to_model(plan, model, torch.float32)
+    assert plan.on == ["padding_free (attention row by row)"]
+    assert model.config._attn_implementation == ROW_ATTENTION
+    batch_collator, counting = collator(plan, tokenizer)
+    batch = batch_collator(fact_rows(tokenizer, 3))
+    assert batch["input_ids"].shape[0] == 1 and counting == TOKENS_SEEN
+
+    plan = KernelPlan({"padding_free": "test"})
+    apply_to_model(plan, lora(tiny_model("opt", "sdpa", vocab=len(tokenizer))), torch.float32)
+    assert not plan.on and "OPT" in plan.off["padding_free"]
+    padded = collator(plan, tokenizer)[0](fact_rows(tokenizer, 3))
+    assert padded["input_ids"].shape[0] == 3
