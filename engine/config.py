@@ -95,7 +95,8 @@ class RunConfig:
                                  label="Compute dtype", choices=("auto", "bf16", "fp16", "fp32"))
     gradient_checkpointing: bool = setting(True, "recompute activations: far less memory, ~30% slower",
                                            label="Gradient checkpointing")
-    optimizer: str = setting("auto", "auto = paged_adamw_32bit on CUDA, adamw_torch on CPU",
+    optimizer: str = setting("auto", "auto = paged_adamw_32bit on CUDA; on CPU adamw_torch, or "
+                             "bitsandbytes' AdamW 32-bit (unpaged) for 16-bit LoRA weights",
                              label="Optimizer")
     kernels: str = setting("auto", "our faster, leaner training path (kernels/) where a benchmark "
                            "on this kind of device showed it pays; off = the reference QLoRA stack",

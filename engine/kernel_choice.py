@@ -66,3 +66,21 @@ def kernel_pieces(device_class: str) -> dict[str, str]:
                                 f"use {' or '.join(DEVICE_CLASSES)}.")
     chosen = _choices().get(device_class, {})
     return {piece: chosen[piece] for piece in PIECES if piece in chosen}
+
+
+def optimizer_for(optimizer: str, device: str, lora16: bool = False) -> str:
+    """The optimizer a run with this setting gets. `auto` is the QLoRA paper's paged AdamW 32-bit
+    on CUDA. On a CPU there is no GPU memory to page from: AdamW (torch), as the reference stack
+    trains there, except with 16-bit LoRA weights, whose moments must stay 32-bit: bitsandbytes'
+    AdamW 32-bit then, which bitsandbytes runs unpaged on a CPU (and says so in the log)."""
+    if optimizer != "auto":
+        return optimizer
+    return "paged_adamw_32bit" if device == "cuda" or lora16 else "adamw_torch"
+
+
+def keeps_32bit_state(optimizer: str) -> bool:
+    """Whether this optimizer (transformers' name) keeps its state in 32 bits (or bitsandbytes'
+    blockwise 8) whatever the weights' dtype: bitsandbytes' do. torch's keep it in the weights'
+    dtype, so with 16-bit LoRA weights (lora16) the moments would be 16-bit too, which the paper's
+    recipe never trained with: lora16 goes with a bitsandbytes optimizer only (`auto` picks one)."""
+    return "bnb" in optimizer or optimizer.endswith(("_8bit", "_32bit"))

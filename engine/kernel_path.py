@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.kernel_choice import kernel_pieces
+from engine.kernel_choice import kernel_pieces, keeps_32bit_state
 from engine.templates import IGNORE_INDEX
 
 
@@ -25,7 +25,7 @@ class KernelPlan:
 
     def summary(self) -> str:
         """One line for train.log and the status: what is on, and why anything is not."""
-        if not self.wanted:
+        if not self.wanted and not self.off:
             return "kernels off: the reference QLoRA stack"
         text = "kernels: " + (", ".join(self.on) if self.on else "none applied")
         if self.off:
@@ -33,11 +33,17 @@ class KernelPlan:
         return text
 
 
-def plan_for(kernels: str, device: str, strategy: str = "ddp") -> KernelPlan:
-    """The pieces a run with this `kernels` setting asks for on this device."""
+def plan_for(kernels: str, device: str, strategy: str = "ddp",
+             optimizer: str = "auto") -> KernelPlan:
+    """The pieces a run with this `kernels` setting asks for on this device, with this optimizer
+    setting (`auto` picks one that suits the pieces: kernel_choice.optimizer_for)."""
     if kernels == "off":
         return KernelPlan({})
     plan = KernelPlan(kernel_pieces("cuda" if device == "cuda" else "cpu"))
+    if "lora16" in plan.wanted and optimizer != "auto" and not keeps_32bit_state(optimizer):
+        del plan.wanted["lora16"]
+        plan.off["lora16"] = (f"{optimizer} keeps its state in the weights' dtype; 16-bit LoRA "
+                              "weights need a bitsandbytes optimizer's 32-bit state")
     if strategy == "fsdp":
         # FSDP flattens the 4-bit weights and the LoRA weights into shards it gathers itself;
         # our patches read a layer's own weights, so under FSDP the reference code runs.
@@ -48,7 +54,8 @@ def plan_for(kernels: str, device: str, strategy: str = "ddp") -> KernelPlan:
 
 
 def apply_to_model(plan: KernelPlan, model, dtype) -> None:
-    """Put the model pieces of `plan` into a peft model (after get_peft_model)."""
+    """Put the pieces of `plan` into a peft model (after get_peft_model); padding-free batches
+    are decided here too, by the model's architecture and attention."""
     import torch
 
     if "lora16" in plan.wanted:
@@ -76,19 +83,25 @@ def apply_to_model(plan: KernelPlan, model, dtype) -> None:
             plan.on.append("chunked_loss")
         else:
             plan.off["chunked_loss"] = f"not written for the {model.config.model_type} architecture"
+    if "padding_free" in plan.wanted:
+        from kernels.padding_free import supports_padding_free, use_row_attention
+
+        supported, why = supports_padding_free(model)
+        if not supported:
+            plan.off["padding_free"] = why
+        elif use_row_attention(model):
+            plan.on.append("padding_free (attention row by row)")
+        else:
+            plan.on.append("padding_free")
 
 
-def collator(plan: KernelPlan, model, tokenizer):
+def collator(plan: KernelPlan, tokenizer):
     """(the data collator, TrainingArguments' include_num_input_tokens_seen) for the batches."""
     from transformers import DataCollatorForSeq2Seq
 
-    if "padding_free" in plan.wanted:
-        from kernels.padding_free import TOKENS_SEEN, padding_free_collator, supports_padding_free
+    if any(piece.startswith("padding_free") for piece in plan.on):
+        from kernels.padding_free import TOKENS_SEEN, padding_free_collator
 
-        supported, why = supports_padding_free(model)
-        if supported:
-            plan.on.append("padding_free")
-            return padding_free_collator(IGNORE_INDEX), TOKENS_SEEN
-        plan.off["padding_free"] = why
+        return padding_free_collator(IGNORE_INDEX), TOKENS_SEEN
     return (DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
             "non_padding")

@@ -70,7 +70,8 @@ import yaml
 
 from engine.catalog import CatalogError, CatalogModel, find, load_catalog, shape_from_config
 from engine.config import PRESETS_DIR
-from engine.kernel_choice import KernelChoiceError, kernel_pieces
+from engine.kernel_choice import (KernelChoiceError, keeps_32bit_state, kernel_pieces,
+                                  optimizer_for)
 
 GIB = 1024**3
 NF4_DOUBLE_QUANT_BITS = 4.127  # 4 + 8/64 + 32/(64*256)
@@ -84,8 +85,10 @@ EAGER_ATTENTION_BYTES = 10  # per head per (query, key) pair: bf16 scores, fp32 
 CUDA_CONTEXT_GB = 0.5  # the process's CUDA context + cuBLAS workspace; not in torch's counters
 SAFETY = 0.90  # plan for 90% of free VRAM: the estimate's tolerance, fragmentation, a screen
 # Measured here, not DESIGN.md's 260 tokens/s: our engine trained the quick-test recipe on
-# SmolLM2-135M (2 cores) at about 90 tokens/s (7,184 tokens in 78 s; bench/cpu_train.md: 71 at r=64).
-CPU_FLOPS = 7.5e10
+# SmolLM2-135M (2 cores) at about 90 tokens/s (7,184 tokens in 78 s; bench/cpu_train.md: 71 at r=64),
+# before our kernels; `kernels: auto` then trained that recipe 1.38x as fast as `off` (median steps,
+# 212 against 154 tokens/s, run headless), so about 124 tokens/s in the browser.
+CPU_FLOPS = 1.04e11
 GPU_UTILISATION = 0.30  # share of the dense tensor rate QLoRA reaches (4-bit dequant each matmul)
 LOSS_CHUNK_TOKENS = 1024  # the tokens kernels/' chunked cross-entropy computes at a time
 
@@ -210,15 +213,18 @@ def stack_for(kernels: str = "off", device: str = "cuda", optimizer: str = "auto
 
 
 def stack_with(pieces, device: str = "cuda", optimizer: str = "auto") -> Stack:
-    """OUR_STACK with these kernels/ pieces on; each changes its own term (module doc)."""
-    pieces = tuple(pieces)
+    """OUR_STACK with these kernels/ pieces on; each changes its own term (module doc). 16-bit
+    LoRA only with an optimizer whose state stays 32-bit (kernel_path.plan_for's rule)."""
+    pieces = tuple(p for p in pieces
+                   if p != "lora16" or optimizer == "auto" or keeps_32bit_state(optimizer))
+    optimizer = optimizer_for(optimizer, device, lora16="lora16" in pieces)
     stack = replace(OUR_STACK, pieces=pieces)
     if "lora4bit" in pieces and device == "cuda":
         stack = replace(stack, dequant_per_shape=True)
     if "chunked_loss" in pieces:
         stack = replace(stack, loss_chunk_tokens=LOSS_CHUNK_TOKENS)
     if "lora16" in pieces:  # qlora.py's storage, on which the paper's 33B-in-24-GB figure rests
-        paged = device == "cuda" and (optimizer == "auto" or optimizer.startswith("paged_"))
+        paged = device == "cuda" and optimizer.startswith("paged_")
         stack = replace(stack, lora_bytes=4, optimizer_resident=not paged)
     return stack
 

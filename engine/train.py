@@ -38,6 +38,7 @@ from engine.faults import (
     oom_message,
 )
 from engine.gpuhealth import GpuSampler, gpu_indices
+from engine.kernel_choice import optimizer_for
 from engine.models import (
     ModelError,
     compute_dtype,
@@ -243,7 +244,7 @@ def _model(run: RunDir, cfg: RunConfig, setup: Setup):
                           target_modules=cfg.lora_target, task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
     setup.kernels = kernel_path.plan_for(cfg.kernels, setup.device,
-                                         "fsdp" if fsdp.sharded() else "ddp")
+                                         "fsdp" if fsdp.sharded() else "ddp", cfg.optimizer)
     kernel_path.apply_to_model(setup.kernels, model, setup.dtype)
     return model
 
@@ -253,11 +254,8 @@ def _trainer(run: RunDir, cfg: RunConfig, setup: Setup, model, train_set, eval_s
     from transformers import Trainer, TrainingArguments
 
     device, dtype = setup.device, str(setup.dtype).removeprefix("torch.")
-    collator, tokens_seen = kernel_path.collator(setup.kernels, model, setup.tokenizer)
-    optimizer = cfg.optimizer
-    if optimizer == "auto":
-        # Paged optimizers need CUDA unified memory; on CPU there is nothing to page to.
-        optimizer = "paged_adamw_32bit" if device == "cuda" else "adamw_torch"
+    collator, tokens_seen = kernel_path.collator(setup.kernels, setup.tokenizer)
+    optimizer = optimizer_for(cfg.optimizer, device, lora16="lora16" in setup.kernels.on)
     args = TrainingArguments(
         output_dir=str(run.checkpoints_dir),
         per_device_train_batch_size=cfg.micro_batch_size,

@@ -164,9 +164,9 @@ def test_preflight():
 
 def test_training_time_estimate():
     embedded, gptj = find("embedded"), find("gpt-j-6b")
-    # Measured on this kind of 2-core CPU: our engine trains SmolLM2-135M at about 90 tokens/s
-    # (the quick-test recipe in the browser test: 7,184 tokens in 78 s)
-    assert planner.tokens_per_second(embedded, 256, None) == pytest.approx(90, rel=0.15)
+    # Measured on this kind of 2-core CPU: our engine trained SmolLM2-135M at about 90 tokens/s
+    # (the quick-test recipe in the browser test: 7,184 tokens in 78 s), 1.38x that with kernels
+    assert planner.tokens_per_second(embedded, 256, None) == pytest.approx(124, rel=0.15)
     rtx3060 = Gpu(0, "NVIDIA GeForce RTX 3060", 12.0, 11.0, "8.6", True)
     rtx4090 = Gpu(0, "NVIDIA GeForce RTX 4090", 24.0, 23.0, "8.9", True)
 
