@@ -10,6 +10,10 @@ the same model, rows, seed, micro-batch and learning rate, once with `kernels: a
 Every stack runs in its own process, one after the other, so the peak memory is its own and the
 stacks never share the cores.
 
+Our fused layer draws its own dropout masks (kernels/lora4bit.dropout_mask), not peft's, so with
+--dropout-noise a fourth run repeats `auto` with other masks: the loss difference they make alone
+is the noise floor ours is held to.
+
 tokens/s counts the tokens a step learns from (padding excluded, for both stacks), median over
 the steps after the first. Peak memory: the process's peak RSS on a CPU, torch's peak allocated
 memory on a GPU. It prints one JSON line per case and, with --out, writes Markdown beside it.
@@ -110,6 +114,16 @@ def run_ours(source: str, data: Path, work: Path, seq: int, micro: int, steps: i
     from engine.train import run_training
     from reference import median  # the reference stack's measure, so both read alike
 
+    if kernels == "dropout-noise":
+        # `auto` with each dropout mask shifted by one element: the same rate and model, other
+        # elements dropped. Its loss difference to `auto` is what other masks alone change, the
+        # noise floor for ours, whose masks are not peft's (kernels/lora4bit.dropout_mask).
+        from kernels import lora4bit
+
+        draw = lora4bit.dropout_mask
+        lora4bit.dropout_mask = lambda *args: (lambda keep, scale: (keep.roll(1, -1), scale))(
+            *draw(*args))
+        kernels = "auto"
     if ":" in kernels:
         kernels, pieces = kernels.split(":")
         kernel_path.kernel_pieces = lambda device_class: dict.fromkeys(pieces.split("+"), "ablation")
@@ -205,6 +219,9 @@ def measure(case: str, steps: int, cache: Path, stacks=("reference", "off", "aut
         off = results["off"]
         summary.update(off_tokens_per_s=off["tokens_per_s"], off_peak_gb=off["peak_gb"],
                        off_max_loss_diff=_max_diff(off["losses"], ref["losses"]))
+    if "dropout-noise" in results:
+        summary["dropout_noise_max_loss_diff"] = _max_diff(results["dropout-noise"]["losses"],
+                                                           auto["losses"])
     for stack in [s for s in results if s.startswith("auto:")]:
         r = results[stack]
         summary.setdefault("ablation", {})[stack[5:]] = {
@@ -262,6 +279,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--no-off", action="store_true", help="skip the kernels: off run")
     parser.add_argument("--layers", type=int, help="cut the random shapes to this many layers")
+    parser.add_argument("--dropout-noise", action="store_true",
+                        help="also run `auto` with other dropout masks: the noise they make alone")
     parser.add_argument("--ablation", action="append", default=[], metavar="PIECE+PIECE",
                         help="also run `auto` with only these pieces (repeatable), e.g. lora16")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "qls-bench-models")
@@ -275,6 +294,7 @@ def main() -> int:
         child(args)
         return 0
     stacks = (("reference", "auto") if args.no_off else ("reference", "off", "auto")) \
+        + (("dropout-noise",) if args.dropout_noise else ()) \
         + tuple(f"auto:{pieces}" for pieces in args.ablation)
     for case in args.case or ["embedded-512", "llama-0.5b-2048"]:
         started = time.time()
@@ -290,6 +310,7 @@ def main() -> int:
 def report(s: dict, args) -> str:
     cases = " ".join([*(f"--case {c}" for c in (args.case or [])),
                       *(f"--ablation {a}" for a in args.ablation), *(["--no-off"] if args.no_off else []),
+                      *(["--dropout-noise"] if args.dropout_noise else []),
                       *([f"--dtype {args.dtype}"] if args.dtype != "bfloat16" else [])])
     lines = [f"## {s['case']} ({time.strftime('%Y-%m-%d')})", "",
              f"- machine: {machine()}",
@@ -302,6 +323,9 @@ def report(s: dict, args) -> str:
                      f"{s['off_max_loss_diff']} |")
     lines += [f"| ours, kernels auto | {s['ours_tokens_per_s']} | {s['ours_peak_gb']} | "
               f"{s['max_loss_diff']} |"]
+    if "dropout_noise_max_loss_diff" in s:
+        lines.append(f"| ours, kernels auto, other dropout masks | - | - | "
+                     f"{s['dropout_noise_max_loss_diff']} (vs auto) |")
     lines += [f"| ours, only {pieces} | {r['tokens_per_s']} | {r['peak_gb']} | {r['max_loss_diff']} |"
               for pieces, r in s.get("ablation", {}).items()]
     lines += ["",
