@@ -239,20 +239,24 @@ def test_layers_of_one_shape_share_one_dequantization_buffer(cpu_out_kernel):
 
 # A whole model: a tiny random llama loaded in 4 bits the way the engine loads one.
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
+def save_llama(folder, hidden=64, intermediate=128, vocab=128):
+    """A random 2-block llama of this width saved in `folder`, seeded."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64)
-    folder = tmp_path_factory.mktemp("tiny-llama")
+                         max_position_embeddings=128)
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
 
 
-def load_4bit(folder, compute_dtype):
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return save_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def load_4bit(folder, compute_dtype, gradient_checkpointing=True):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from engine.train import prepare_for_kbit_training
@@ -262,7 +266,7 @@ def load_4bit(folder, compute_dtype):
                                       bnb_4bit_compute_dtype=compute_dtype)
     model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization,
                                                  dtype=compute_dtype, device_map="cpu")
-    prepare_for_kbit_training(model, gradient_checkpointing=True)
+    prepare_for_kbit_training(model, gradient_checkpointing=gradient_checkpointing)
     return model
 
 

@@ -10,35 +10,20 @@ from peft import LoraConfig, get_peft_model
 
 from engine.kernel_choice import keeps_32bit_state, optimizer_for
 from engine.kernel_path import KernelPlan, apply_to_model, plan_for
+from test_kernels_lora import load_4bit, save_llama
 
 
 @pytest.fixture(scope="module")
 def small_llama(tmp_path_factory):
     """Wide enough (256) that LoRA A's values (about 1/16) are not all far above bf16's step."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128)
-    folder = tmp_path_factory.mktemp("small-llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+    return save_llama(tmp_path_factory.mktemp("small-llama"), hidden=256, intermediate=512,
+                      vocab=256)
 
 
 def train(folder, lora16: bool, steps: int = 40) -> tuple[list[float], torch.nn.Module, object]:
     """The paper's step on a 4-bit model: AdamW 32-bit, lr 2e-4, gradients clipped at 0.3, bf16
     autocast; the same 8 rows every step (memorising them: the loss must fall)."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    from engine.train import prepare_for_kbit_training
-
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                      bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization,
-                                                 dtype=torch.bfloat16, device_map="cpu")
-    prepare_for_kbit_training(model, gradient_checkpointing=False)
+    model = load_4bit(folder, torch.bfloat16, gradient_checkpointing=False)
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
