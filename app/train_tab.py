@@ -12,7 +12,7 @@ import gradio as gr
 from app import charts
 from app.errors import EXPECTED, in_words, sentence
 from app.hardware_tab import selected_model
-from engine import planner
+from engine import planner, speed
 from engine.config import ConfigError, RunConfig, load_recipe, recipe_description, recipe_names
 from engine.gpuhealth import health_summary, read_health
 from engine.hardware import detect_gpus, visible_gpus
@@ -310,7 +310,7 @@ def _memory_bar(model_choice, custom_model, max_seq_len, micro_batch, lora_r, ep
         verdict = (f"{result.total_gb:.1f} GB of {free:.1f} GB free on {gpu.name}: "
                    + ("fits" if result.fits else "does not fit (Start will refuse)"))
     size = data_size or {}
-    estimate = planner.estimate_time(
+    estimate = speed.estimate_time(
         model, length, gpu, rows=size.get("rows") or 0,
         tokens_per_epoch=size.get("tokens_per_epoch") or 0, epochs=_number(epochs, 0.0),
         max_steps=_int(max_steps, -1), rows_per_step=batch * max(_int(grad_accum, 1), 1))
@@ -320,7 +320,7 @@ def _memory_bar(model_choice, custom_model, max_seq_len, micro_batch, lora_r, ep
             f'{html.escape(time_text(estimate), quote=False)}</small></div>')
 
 
-def time_text(estimate: planner.TimeEstimate) -> str:
+def time_text(estimate: speed.TimeEstimate) -> str:
     """The planner's time estimate in words, saying that it is one and what speed it assumes."""
     if estimate.tokens_per_s is None:
         return f"No time estimate: {estimate.speed_from}. The live ETA appears once training runs."

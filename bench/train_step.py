@@ -246,7 +246,7 @@ def bf16_peak_fraction(tokens_per_s: float, params: int) -> float | None:
     token (forward 2, backward 4; the recompute of checkpointing is not counted as useful work)."""
     import torch
 
-    from engine.planner import find_gpu
+    from engine.speed import find_gpu
 
     if not torch.cuda.is_available():
         return None

@@ -343,7 +343,8 @@ def _add_planner_commands(commands) -> None:
 
 def _vram_of(args) -> tuple[float | None, str]:
     """GB to plan for and where that figure came from."""
-    from engine.planner import detected_vram, find_gpu, load_gpus
+    from engine.planner import detected_vram
+    from engine.speed import find_gpu, load_gpus
 
     if args.vram_gb is not None:
         return args.vram_gb, f"{args.vram_gb:g} GB (--vram-gb)"

@@ -10,7 +10,8 @@ import pytest
 
 from engine import catalog
 from engine.catalog import CatalogError, find, load_catalog, shape_from_config
-from engine.planner import find_gpu, load_gpus, model_shape
+from engine.planner import model_shape
+from engine.speed import find_gpu, load_gpus
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = load_catalog()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import planner
+from engine import planner, speed
 from engine.catalog import find
 from engine.hardware import Gpu
 from engine.planner import (CUDA_CONTEXT_GB, PAPER_STACK, TORCHTUNE_STACK, UNSLOTH_STACK, plan,
@@ -166,27 +166,27 @@ def test_training_time_estimate():
     embedded, gptj = find("embedded"), find("gpt-j-6b")
     # Measured on this kind of 2-core CPU: our engine trained SmolLM2-135M at about 90 tokens/s
     # (the quick-test recipe in the browser test: 7,184 tokens in 78 s), 1.38x that with kernels
-    assert planner.tokens_per_second(embedded, 256, None) == pytest.approx(124, rel=0.15)
+    assert speed.tokens_per_second(embedded, 256, None) == pytest.approx(124, rel=0.15)
     rtx3060 = Gpu(0, "NVIDIA GeForce RTX 3060", 12.0, 11.0, "8.6", True)
     rtx4090 = Gpu(0, "NVIDIA GeForce RTX 4090", 24.0, 23.0, "8.9", True)
 
     def seconds(gpu, rows=1000, epochs=1.0):
-        return planner.estimate_time(gptj, 1024, gpu, rows=rows, tokens_per_epoch=rows * 1000,
+        return speed.estimate_time(gptj, 1024, gpu, rows=rows, tokens_per_epoch=rows * 1000,
                                      epochs=epochs).seconds
 
     assert seconds(rtx4090) < seconds(rtx3060) < seconds(None)  # None: the CPU
     assert seconds(rtx3060, epochs=2) == pytest.approx(2 * seconds(rtx3060))
     assert seconds(rtx3060) == pytest.approx(
-        10**6 / planner.tokens_per_second(gptj, 1024, planner.find_gpu("RTX 3060", 12)))
+        10**6 / speed.tokens_per_second(gptj, 1024, speed.find_gpu("RTX 3060", 12)))
     # The estimate says what its speed rests on.
-    assert "RTX 3060" in planner.estimate_time(gptj, 1024, rtx3060).speed_from
-    assert "CPU" in planner.estimate_time(gptj, 1024, None).speed_from
+    assert "RTX 3060" in speed.estimate_time(gptj, 1024, rtx3060).speed_from
+    assert "CPU" in speed.estimate_time(gptj, 1024, None).speed_from
 
 
 def test_a_card_outside_the_gpu_table_gets_no_time_estimate():
     # A datacenter card is not in presets/gpus.yaml: no guess beats a CPU's figure passed off as its.
     h100 = Gpu(0, "NVIDIA H100 80GB HBM3", 79.6, 79.0, "9.0", True)
-    estimate = planner.estimate_time(find("embedded"), 256, h100, rows=30, tokens_per_epoch=898)
+    estimate = speed.estimate_time(find("embedded"), 256, h100, rows=30, tokens_per_epoch=898)
     assert estimate.tokens_per_s is None and estimate.seconds is None
     assert "H100" in estimate.speed_from
     from app.train_tab import time_text
@@ -284,14 +284,14 @@ def test_cli_plan_and_recommend_json(tmp_path):
 def test_training_time_estimate_from_the_uploaded_data():
     embedded = find("embedded")
     # 30 rows of 898 tokens per epoch: 8 epochs are 7,184 tokens
-    estimate = planner.estimate_time(embedded, 256, None, rows=30, tokens_per_epoch=898, epochs=8)
+    estimate = speed.estimate_time(embedded, 256, None, rows=30, tokens_per_epoch=898, epochs=8)
     assert (estimate.tokens, estimate.what) == (7184, "8 epochs of 898 tokens")
-    assert estimate.seconds == pytest.approx(7184 / planner.tokens_per_second(embedded, 256, None))
+    assert estimate.seconds == pytest.approx(7184 / speed.tokens_per_second(embedded, 256, None))
     # max_steps wins over epochs: 20 steps of 4 rows of ~30 tokens = 2,395 tokens
-    steps = planner.estimate_time(embedded, 256, None, rows=30, tokens_per_epoch=898, epochs=8,
+    steps = speed.estimate_time(embedded, 256, None, rows=30, tokens_per_epoch=898, epochs=8,
                                   max_steps=20, rows_per_step=4)
     assert steps.tokens == pytest.approx(2394.67, abs=0.01) and steps.what == "20 steps"
-    no_data = planner.estimate_time(embedded, 256, None)
+    no_data = speed.estimate_time(embedded, 256, None)
     assert no_data.seconds is None and no_data.tokens_per_s == estimate.tokens_per_s
 
 
@@ -299,11 +299,11 @@ def test_the_train_tab_shows_the_planners_estimate_and_says_it_is_one():
     from app.train_tab import time_text
 
     # at 90 tokens/s, 7,184 tokens take 80 s
-    text = time_text(planner.TimeEstimate(90, "a measured CPU", 7184, "8 epochs of 898 tokens"))
+    text = time_text(speed.TimeEstimate(90, "a measured CPU", 7184, "8 epochs of 898 tokens"))
     assert text.startswith("Time estimate: about 00:01:19 for 8 epochs of 898 tokens")
     assert "first-guess speed of about 90 tokens/s (a measured CPU)" in text
     assert "live ETA replaces" in text
-    assert "upload data" in time_text(planner.TimeEstimate(90, "a measured CPU"))
+    assert "upload data" in time_text(speed.TimeEstimate(90, "a measured CPU"))
 
 
 def test_the_memory_bar_estimates_the_time_with_the_planner(monkeypatch):
@@ -312,7 +312,7 @@ def test_the_memory_bar_estimates_the_time_with_the_planner(monkeypatch):
     monkeypatch.setattr("engine.hardware.detect_gpus", lambda: ([], "no GPU"))
     size = {"rows": 30, "tokens_per_epoch": 898}
     bar = train_tab.memory_bar("embedded", "", 256, 4, 16, 8, -1, 1, size)
-    expected = planner.estimate_time(find("embedded"), 256, None, rows=30, tokens_per_epoch=898,
+    expected = speed.estimate_time(find("embedded"), 256, None, rows=30, tokens_per_epoch=898,
                                      epochs=8)
     assert html.escape(train_tab.time_text(expected), quote=False) in bar
     assert "for 8 epochs of 898 tokens" in bar  # what the browser test waits for
