@@ -41,6 +41,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 # name: (model, sequence length, micro-batch, rows' shortest share of the length)
 CASES = {
+    "embedded-256": ("embedded", 256, 4, 1 / 8),  # the quick-test recipe's length
     "embedded-512": ("embedded", 512, 4, 1 / 8),
     "llama-0.5b-2048": ("random-llama-0.5b", 2048, 2, 1 / 8),
     "llama-8b-512": ("random-llama-8b", 512, 4, 1 / 8),
