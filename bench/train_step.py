@@ -122,8 +122,12 @@ def run_ours(source: str, data: Path, work: Path, seq: int, micro: int, steps: i
         from kernels import lora4bit
 
         draw = lora4bit.dropout_mask
-        lora4bit.dropout_mask = lambda *args: (lambda keep, scale: (keep.roll(1, -1), scale))(
-            *draw(*args))
+
+        def shifted_masks(shape, p, device):
+            keep, scale = draw(shape, p, device)
+            return keep.roll(1, -1), scale
+
+        lora4bit.dropout_mask = shifted_masks
         kernels = "auto"
     if ":" in kernels:
         kernels, pieces = kernels.split(":")

@@ -84,3 +84,9 @@ def keeps_32bit_state(optimizer: str) -> bool:
     dtype, so with 16-bit LoRA weights (lora16) the moments would be 16-bit too, which the paper's
     recipe never trained with: lora16 goes with a bitsandbytes optimizer only (`auto` picks one)."""
     return "bnb" in optimizer or optimizer.endswith(("_8bit", "_32bit"))
+
+
+def allows_lora16(optimizer: str) -> bool:
+    """Whether a run with this optimizer setting may keep 16-bit LoRA weights: `auto` (which then
+    picks bitsandbytes' AdamW, optimizer_for) or an optimizer that keeps 32-bit state."""
+    return optimizer == "auto" or keeps_32bit_state(optimizer)

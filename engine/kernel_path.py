@@ -11,23 +11,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.kernel_choice import kernel_pieces, keeps_32bit_state
+from engine.kernel_choice import allows_lora16, kernel_pieces
 from engine.templates import IGNORE_INDEX
 
 
 @dataclass
 class KernelPlan:
-    """The pieces a run asked for (piece -> why), those it got, and why others stayed off."""
+    """The pieces a run asked for (piece -> why), those it got (piece -> how, "" if plainly),
+    and why others stayed off (piece -> why not)."""
 
     wanted: dict[str, str]
-    on: list[str] = field(default_factory=list)
+    on: dict[str, str] = field(default_factory=dict)
     off: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
         """One line for train.log and the status: what is on, and why anything is not."""
         if not self.wanted and not self.off:
             return "kernels off: the reference QLoRA stack"
-        text = "kernels: " + (", ".join(self.on) if self.on else "none applied")
+        text = "kernels: " + (", ".join(f"{piece} ({how})" if how else piece
+                                         for piece, how in self.on.items()) or "none applied")
         if self.off:
             text += " (" + "; ".join(f"{piece} off: {why}" for piece, why in self.off.items()) + ")"
         return text
@@ -40,7 +42,7 @@ def plan_for(kernels: str, device: str, strategy: str = "ddp",
     if kernels == "off":
         return KernelPlan({})
     plan = KernelPlan(kernel_pieces("cuda" if device == "cuda" else "cpu"))
-    if "lora16" in plan.wanted and optimizer != "auto" and not keeps_32bit_state(optimizer):
+    if "lora16" in plan.wanted and not allows_lora16(optimizer):
         del plan.wanted["lora16"]
         plan.off["lora16"] = (f"{optimizer} keeps its state in the weights' dtype; 16-bit LoRA "
                               "weights need a bitsandbytes optimizer's 32-bit state")
@@ -65,7 +67,7 @@ def apply_to_model(plan: KernelPlan, model, dtype) -> None:
             for parameter in model.parameters():
                 if parameter.requires_grad:
                     parameter.data = parameter.data.to(dtype)
-            plan.on.append("lora16")
+            plan.on["lora16"] = ""
         else:
             plan.off["lora16"] = f"the compute dtype is {str(dtype).removeprefix('torch.')}"
     if "lora4bit" in plan.wanted:
@@ -73,14 +75,14 @@ def apply_to_model(plan: KernelPlan, model, dtype) -> None:
 
         layers = patch_lora_layers(model)
         if layers:
-            plan.on.append(f"lora4bit ({layers} layers)")
+            plan.on["lora4bit"] = f"{layers} layers"
         else:
             plan.off["lora4bit"] = "no 4-bit LoRA layer it can fuse"
     if "chunked_loss" in plan.wanted:
         from kernels.chunked_loss import patch_causal_lm
 
         if patch_causal_lm(model):
-            plan.on.append("chunked_loss")
+            plan.on["chunked_loss"] = ""
         else:
             plan.off["chunked_loss"] = f"not written for the {model.config.model_type} architecture"
     if "padding_free" in plan.wanted:
@@ -89,17 +91,15 @@ def apply_to_model(plan: KernelPlan, model, dtype) -> None:
         supported, why = supports_padding_free(model)
         if not supported:
             plan.off["padding_free"] = why
-        elif use_row_attention(model):
-            plan.on.append("padding_free (attention row by row)")
         else:
-            plan.on.append("padding_free")
+            plan.on["padding_free"] = "attention row by row" if use_row_attention(model) else ""
 
 
 def collator(plan: KernelPlan, tokenizer):
     """(the data collator, TrainingArguments' include_num_input_tokens_seen) for the batches."""
     from transformers import DataCollatorForSeq2Seq
 
-    if any(piece.startswith("padding_free") for piece in plan.on):
+    if "padding_free" in plan.on:
         from kernels.padding_free import TOKENS_SEEN, padding_free_collator
 
         return padding_free_collator(IGNORE_INDEX), TOKENS_SEEN

@@ -67,8 +67,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from engine.catalog import CatalogError, CatalogModel, find, load_catalog, shape_from_config
-from engine.kernel_choice import (KernelChoiceError, keeps_32bit_state, kernel_pieces,
-                                  optimizer_for)
+from engine.kernel_choice import KernelChoiceError, allows_lora16, kernel_pieces, optimizer_for
 
 GIB = 1024**3
 NF4_DOUBLE_QUANT_BITS = 4.127  # 4 + 8/64 + 32/(64*256)
@@ -205,9 +204,8 @@ def stack_for(kernels: str = "off", device: str = "cuda", optimizer: str = "auto
 
 def stack_with(pieces, device: str = "cuda", optimizer: str = "auto") -> Stack:
     """OUR_STACK with these kernels/ pieces on; each changes its own term (module doc). 16-bit
-    LoRA only with an optimizer whose state stays 32-bit (kernel_path.plan_for's rule)."""
-    pieces = tuple(p for p in pieces
-                   if p != "lora16" or optimizer == "auto" or keeps_32bit_state(optimizer))
+    LoRA only with an optimizer whose state stays 32-bit (kernel_choice.allows_lora16)."""
+    pieces = tuple(p for p in pieces if p != "lora16" or allows_lora16(optimizer))
     optimizer = optimizer_for(optimizer, device, lora16="lora16" in pieces)
     stack = replace(OUR_STACK, pieces=pieces)
     if "lora4bit" in pieces and device == "cuda":

@@ -103,7 +103,7 @@ class FusedLoRA4bit(torch.autograd.Function):
             # output: early in training the LoRA term is ~1e-4 of the base output, below bf16's
             # resolution, and a bf16 sum would round it away (measured: the loss fell slower).
             y = torch.nn.functional.linear(x2, dequantize(base, compute_dtype), bias_c).to(x.dtype)
-            mask = None
+            mask, keep_scale = None, 1.0
             if dropout_p > 0:
                 mask, keep_scale = dropout_mask(x2.shape, dropout_p, x2.device)
                 # The same factors, rounded to the compute dtype, as the backward's `kept`.
@@ -115,7 +115,7 @@ class FusedLoRA4bit(torch.autograd.Function):
         # norms; one saved x serves them all where copies in the compute dtype would add up.
         ctx.save_for_backward(x, mask, xa, lora_a, lora_b)
         ctx.base, ctx.scaling, ctx.compute_dtype = base, scaling, compute_dtype
-        ctx.keep_scale = keep_scale if mask is not None else 1.0
+        ctx.keep_scale = keep_scale
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y.view(*x.shape[:-1], y.shape[-1])
 

@@ -31,7 +31,8 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface, DataCollatorWithFlattening
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import (AttentionMaskInterface, find_packed_sequence_indices,
+                                        sdpa_mask)
 
 # Architectures (config.model_type) whose forward passes position_ids to transformers' mask
 # builder and to its position embeddings, so a packed row's sequences stay apart.
@@ -115,18 +116,18 @@ def packed_rows(query, key, attention_mask, kwargs) -> list[tuple[int, int]] | N
 
 
 def _rows_if_block_causal(attention_mask, positions) -> list[tuple[int, int]]:
-    """The rows the positions restart at (as masking_utils finds them), if the mask is their
+    """The rows the positions restart at (masking_utils' own finding), if the mask is their
     block-diagonal causal mask and there are at least two; else []."""
-    positions = positions.reshape(-1)
-    starts = [0] + (positions[1:] != positions[:-1] + 1).nonzero().flatten().add(1).tolist()
-    if len(starts) < 2:
+    row = find_packed_sequence_indices(positions.reshape(1, -1))
+    if row is None:
         return []
-    index = torch.arange(positions.numel(), device=positions.device)
-    row = torch.bucketize(index, torch.tensor(starts[1:], device=positions.device), right=True)
+    row = row[0]
+    index = torch.arange(row.numel(), device=row.device)
     expected = (row[:, None] == row[None, :]) & (index[:, None] >= index[None, :])
     if not torch.equal(attention_mask.reshape(expected.shape), expected):
         return []
-    return list(zip(starts, starts[1:] + [positions.numel()]))
+    starts = [0] + (row[1:] != row[:-1]).nonzero().flatten().add(1).tolist()
+    return list(zip(starts, starts[1:] + [row.numel()]))
 
 
 def row_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,

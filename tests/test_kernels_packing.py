@@ -310,7 +310,8 @@ def test_the_engine_packs_and_attends_row_by_row_with_kernels_auto(tokenizer):
     plan = KernelPlan({"padding_free": "test"})
     model = lora(tiny_model("llama", "sdpa", vocab=len(tokenizer)))
     apply_to_model(plan, model, torch.float32)
-    assert plan.on == ["padding_free (attention row by row)"]
+    assert plan.on == {"padding_free": "attention row by row"}
+    assert plan.summary() == "kernels: padding_free (attention row by row)"
     assert model.config._attn_implementation == ROW_ATTENTION
     batch_collator, counting = collator(plan, tokenizer)
     batch = batch_collator(fact_rows(tokenizer, 3))
