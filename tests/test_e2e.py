@@ -192,6 +192,10 @@ def test_browser_upload_train_reload_and_chat(app, facts_file):
 
         page.get_by_role("tab", name="Train").click()
         expect(page.locator("#recipe-choice input")).to_have_value("quick-test")  # CPU default
+        # Advanced: our training kernels are on by default (`auto`), with the setting's why
+        page.get_by_text("Advanced", exact=True).click()
+        expect(page.locator("#cfg-kernels input")).to_have_value("auto")
+        expect(page.locator("#cfg-kernels")).to_contain_text("the reference QLoRA stack")
         # the plan guesses the training time from the uploaded data's token count
         expect(page.locator("#memory-plan-html")).to_contain_text("for 8 epochs of")
         page.locator("#start-button").click()
@@ -232,6 +236,8 @@ def test_browser_upload_train_reload_and_chat(app, facts_file):
         expect(page).to_have_title(re.compile("running"), timeout=30_000)
         wait_for(run, lambda s: s["state"] != "running", "the run to finish")
         expect(page.locator("#run-status")).to_contain_text("finished", timeout=60_000)
+        # the run the form started trained through our kernels (presets/kernels.yaml, CPU)
+        assert "padding_free (attention row by row)" in run.read_status()["kernels"]
         # The title says so (a tab in the background), and the watched run's end notifies.
         expect(page).to_have_title(re.compile("finished"), timeout=30_000)
         assert page.evaluate("window.qlsNotes") == ["QLoRA Studio: run finished"]
